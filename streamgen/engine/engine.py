@@ -1,0 +1,287 @@
+"""The streaming forward: denoise one chunk against the cache, then fold the clean chunk into the cache.
+
+Read top to bottom: `denoise` runs `steps` flow-map jumps `z_r = z_t - (t - r) * u(z_t, t, r)` on the chunk's
+tokens, attending to the cached context; `commit` adds the finished chunk. The reference pipeline re-encodes the
+whole clean prefix after every chunk. Its cache pass is chunk-causal (a compressed chunk sees only earlier
+compressed chunks; a full chunk sees all compressed context and earlier full chunks), so it is enough to encode
+the chunk that just left the full-resolution window, at compressed resolution, and re-encode the few full chunks:
+the same keys and values, at constant cost per chunk.
+
+The model is diffusers' `AnyFlowFARTransformer3DModel`, used as is: its patch embeddings, condition embedder,
+blocks and output head; only self-attention gets our processor (`attention.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMapEulerDiscreteScheduler
+from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_emb
+
+from ..config import check_steps
+from . import attention
+from .cache import CachedChunk, KVCache, LayerContext, SinkWindow
+from .positions import rope_frequencies
+
+
+@dataclass
+class TextCondition:
+    """Prompt embeddings for a stream; with `guidance_scale > 1` the negative ones ride in the same batch."""
+
+    embeds: torch.Tensor  # (B, tokens, text_dim)
+    negative: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.embeds.ndim != 3:
+            raise ValueError(f"prompt embeddings must be (batch, tokens, dim), got shape {tuple(self.embeds.shape)}")
+        if self.guided and (self.negative is None or self.negative.shape != self.embeds.shape):
+            raise ValueError("guidance_scale > 1 needs negative embeddings of the same shape as the prompt's")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def model_input(self) -> torch.Tensor:
+        return torch.cat([self.negative, self.embeds]) if self.guided else self.embeds
+
+    def batch(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([latents, latents]) if self.guided else latents
+
+    def combine(self, prediction: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+
+@dataclass(frozen=True)
+class FlowStep:
+    """One flow-map jump from `t` to `r` (timesteps in scheduler units, sigmas in [0, 1]; float64 like diffusers)."""
+
+    t: torch.Tensor
+    r: torch.Tensor
+    sigma_t: torch.Tensor
+    sigma_r: torch.Tensor
+
+
+def flow_schedule(scheduler: FlowMapEulerDiscreteScheduler, steps: int) -> list[FlowStep]:
+    """The (t, r) pairs of an `steps`-step budget, with the scheduler's shift; `t == r` jumps are skipped."""
+    scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates; sessions share the pipeline's scheduler
+    scheduler.set_timesteps(check_steps(steps), device="cpu")
+    scale = scheduler.config.num_train_timesteps
+    plan = []
+    for i, t in enumerate(scheduler.timesteps):
+        r = scheduler.sigmas[i + 1] * scale
+        if t != r:
+            plan.append(FlowStep(t, r, scheduler.sigmas[i], scheduler.sigmas[i + 1]))
+    return plan
+
+
+@dataclass
+class _Piece:
+    """Tokens being computed in one forward: one chunk's latents at full or compressed resolution."""
+
+    latents: torch.Tensor  # (B, F, C, h, w)
+    compressed: bool
+
+
+class StreamingEngine:
+    """Stateless over sessions: each stream's state is its `KVCache`; the engine only owns the model."""
+
+    def __init__(
+        self, transformer: torch.nn.Module, scheduler: FlowMapEulerDiscreteScheduler, reference_padding: bool = False
+    ) -> None:
+        """`reference_padding=True` reproduces a quirk of diffusers' `AnyFlowFARPipeline` bit for bit: its
+        denoising attention also attends to zero keys that pad the chunk to a multiple of 128 tokens. Off by
+        default, because the model is trained with that padding masked out."""
+        attention.install(transformer)
+        self.reference_padding = reference_padding
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.config = transformer.config
+        self.model_calls = 0  # transformer forwards so far: denoising steps plus cache updates
+        self._schedules: dict[int, list[FlowStep]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def new_cache(self, latent_size: tuple[int, int], max_chunk_frames: int, policy: SinkWindow) -> KVCache:
+        h, w = latent_size
+        down = self.config.compressed_patch_size
+        if h <= 0 or w <= 0 or h % down[1] or w % down[2]:
+            raise ValueError(f"latent size {h}x{w} must be positive multiples of {down[1]}x{down[2]}")
+        return KVCache(policy, self.config.full_chunk_limit - 1, (h, w), max_chunk_frames)
+
+    def schedule(self, steps: int) -> list[FlowStep]:
+        if steps not in self._schedules:
+            self._schedules[steps] = flow_schedule(self.scheduler, steps)
+        return self._schedules[steps]
+
+    @torch.no_grad()
+    def denoise(self, cache: KVCache, noise: torch.Tensor, text: TextCondition, steps: int) -> torch.Tensor:
+        """Denoise one chunk from its initial `noise` `(B, F, C, h, w)` in `steps` flow-map jumps."""
+        self._check_latents(cache, noise, text)
+        plan = self.schedule(steps)
+        start = cache.context_frames
+        positions = torch.arange(start, start + noise.shape[1])
+        freqs = rope_frequencies(self.transformer.rope, positions, self._grid(cache, False), False, self.device)
+        layers = cache.layers or self._assemble(cache, [], text)
+        z = noise
+        for step in plan:
+            x = text.batch(z)
+            t = step.t.expand(x.shape[0], x.shape[1])
+            r = step.r.expand(x.shape[0], x.shape[1])
+            u = text.combine(self._forward(layers, [_Piece(x, False)], t, r, text, freqs, None, False))
+            view = (1,) * u.ndim
+            z = (z - (step.sigma_t.view(view) - step.sigma_r.view(view)) * u).to(u.dtype)
+        return z
+
+    @torch.no_grad()
+    def commit(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
+        """Append a finished chunk's clean latents: demote, evict, encode the new keys/values (one forward)."""
+        self._check_latents(cache, latents, text)
+        cache.full.append(CachedChunk(latents))
+        demoted = cache.full[: -cache.full_limit] if cache.full_limit else cache.full[:]
+        cache.full = cache.full[len(demoted) :]
+        cache.compressed.extend(CachedChunk(chunk.latents) for chunk in demoted)  # re-encoded compressed
+        cache.evict()
+        self._encode(cache, text)
+        cache.chunks_committed += 1
+
+    @torch.no_grad()
+    def recache(self, cache: KVCache, text: TextCondition) -> None:
+        """Re-encode every retained chunk under new text (LongLive's KV re-cache for a prompt switch)."""
+        for chunk in (*cache.compressed, *cache.full):
+            chunk.keys.clear()
+            chunk.values.clear()
+        if cache.compressed or cache.full:
+            self._encode(cache, text)
+
+    def _encode(self, cache: KVCache, text: TextCondition) -> None:
+        """Encode at t = r = 0 the compressed chunks without keys and all full chunks, against the rest."""
+        context = [c for c in cache.compressed if c.keys]
+        new = [c for c in cache.compressed if not c.keys]
+        pieces = [_Piece(text.batch(c.latents), True) for c in new]
+        pieces += [_Piece(text.batch(c.latents), False) for c in cache.full]
+        chunks = new + cache.full
+
+        start = sum(c.frames for c in context)
+        freqs, sizes, chunk_ids = [], [], []
+        for index, (chunk, piece) in enumerate(zip(chunks, pieces)):
+            positions = torch.arange(start, start + chunk.frames)
+            start += chunk.frames
+            freqs.append(
+                rope_frequencies(
+                    self.transformer.rope, positions, self._grid(cache, piece.compressed), piece.compressed, self.device
+                )
+            )
+            sizes.append(freqs[-1].shape[2])
+            chunk_ids.append(torch.full((sizes[-1],), index, device=self.device))
+        ids = torch.cat(chunk_ids)
+        layers = self._assemble(cache, context, text)
+        visible = torch.ones(len(ids), layers[0].keys.shape[2], dtype=torch.bool, device=self.device)
+        mask = torch.cat([visible, ids[:, None] >= ids[None, :]], dim=1)
+
+        frames = sum(c.frames for c in chunks)
+        zeros = torch.zeros(pieces[0].latents.shape[0], frames, dtype=torch.float64)
+        self._forward(layers, pieces, zeros, zeros, text, torch.cat(freqs, dim=2), mask, True)
+        for chunk in chunks:
+            chunk.keys, chunk.values = [], []
+        for layer in layers:
+            for chunk, keys, values in zip(chunks, layer.new_keys.split(sizes, 2), layer.new_values.split(sizes, 2)):
+                chunk.keys.append(keys)
+                chunk.values.append(values)
+        cache.layers = self._assemble(cache, cache.compressed + cache.full, text)
+
+    def _assemble(self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition) -> list[LayerContext]:
+        """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, concatenated."""
+        cfg = self.config
+        batch = text.model_input.shape[0]
+        empty = torch.zeros(batch, cfg.num_attention_heads, 0, cfg.attention_head_dim, dtype=self.dtype, device=self.device)
+        keys = [[empty] for _ in self.transformer.blocks]
+        values = [[empty] for _ in self.transformer.blocks]
+        start = 0
+        for chunk in chunks:
+            compressed = chunk in cache.compressed
+            positions = torch.arange(start, start + chunk.frames)
+            start += chunk.frames
+            freqs = rope_frequencies(
+                self.transformer.rope, positions, self._grid(cache, compressed), compressed, self.device
+            )
+            for layer in range(len(self.transformer.blocks)):
+                keys[layer].append(apply_rotary_emb(chunk.keys[layer], freqs))
+                values[layer].append(chunk.values[layer])
+        return [
+            LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), self.reference_padding) for k, v in zip(keys, values)
+        ]
+
+    def _forward(
+        self,
+        layers: list[LayerContext],
+        pieces: list[_Piece],
+        t: torch.Tensor,
+        r: torch.Tensor,
+        text: TextCondition,
+        freqs: torch.Tensor,
+        mask: torch.Tensor | None,
+        write: bool,
+    ) -> torch.Tensor | None:
+        """One transformer call over `pieces` (compressed ones first); returns the velocity unless writing."""
+        model = self.transformer
+        self.model_calls += 1
+        tokens = []
+        for piece in pieces:
+            embed = model.far_patch_embedding if piece.compressed else model.patch_embedding
+            tokens.append(embed(piece.latents.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2))
+        hidden = torch.cat(tokens, dim=1)
+        h, w = pieces[0].latents.shape[-2:]
+        patch, down = self.config.patch_size, self.config.compressed_patch_size
+        layout = {
+            "num_full_frames": sum(p.latents.shape[1] for p in pieces if not p.compressed),
+            "full_token_per_frame": (h // patch[1]) * (w // patch[2]),
+            "compressed_token_per_frame": (h // down[1]) * (w // down[2]),
+        }
+        temb, proj, encoder_states, _ = model.condition_embedder(t, r, text.model_input, None, far_cfg=layout)
+        proj = proj.unflatten(2, (6, -1))
+        for block, layer in zip(model.blocks, layers):
+            hidden = block(hidden, encoder_states, proj, freqs, mask, layer, write)
+        if write:
+            return None
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(2)).chunk(2, dim=2)
+        hidden = (model.norm_out(hidden.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(hidden)
+        out = model.proj_out(hidden)
+        return model._unpack_latent_sequence(out, pieces[0].latents.shape[1], h, w, patch[1])
+
+    def _grid(self, cache: KVCache, compressed: bool) -> tuple[int, int]:
+        patch = self.config.compressed_patch_size if compressed else self.config.patch_size
+        return cache.latent_size[0] // patch[1], cache.latent_size[1] // patch[2]
+
+    def _check_latents(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
+        """Reject what would otherwise fail deep inside the model, or silently compute nonsense."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"chunk latents must be a 5-d tensor (batch, frames, channels, h, w), got {shape}")
+        batch, frames, channels, h, w = latents.shape
+        expected = (text.embeds.shape[0], self.config.in_channels, *cache.latent_size)
+        if (batch, channels, h, w) != expected:
+            raise ValueError(
+                f"chunk latents of shape {tuple(latents.shape)} do not match this stream: expected "
+                f"(batch={expected[0]}, frames, channels={expected[1]}, h={expected[2]}, w={expected[3]})"
+            )
+        if not 1 <= frames <= cache.max_chunk_frames:
+            raise ValueError(f"a chunk has 1 to {cache.max_chunk_frames} latent frames, got {frames}")
+        if latents.dtype != self.dtype or latents.device != self.device:
+            raise ValueError(
+                f"chunk latents are {latents.dtype} on {latents.device}, the model is {self.dtype} on {self.device}"
+            )
+        if text.embeds.device != self.device:
+            raise ValueError(f"prompt embeddings are on {text.embeds.device}, the model is on {self.device}")

@@ -1,0 +1,43 @@
+"""RoPE frequencies for explicit frame positions.
+
+diffusers builds frequencies for frames `0..N-1` of one finite video. A stream needs them for whatever frames the
+context holds now: positions are assigned compactly (context frames first, then the chunk), so the largest
+position is bounded by the window, never by the stream's length. With an unbounded window the positions are the
+absolute frame indices, exactly the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed
+
+
+def rope_frequencies(
+    rope: AnyFlowCausalRotaryPosEmbed,
+    positions: torch.Tensor,
+    grid: tuple[int, int],
+    compressed: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Complex frequencies `(1, 1, len(positions) * h * w, dim / 2)` for tokens of the given frame positions.
+
+    `grid` is the token grid of one frame (full: latent / 2, compressed: latent / 4); compressed frequencies are
+    complex-average-pooled over the patch as diffusers does, so both resolutions agree on where a pixel is.
+    """
+    if len(positions) and int(positions.max()) >= rope.max_seq_len:
+        raise ValueError(
+            f"frame position {int(positions.max())} is past the model's RoPE table ({rope.max_seq_len} frames): "
+            "use a finite cache window for long streams"
+        )
+    table = rope._build_freqs(device)
+    head = rope.attention_head_dim
+    parts = table.split_with_sizes([head // 2 - 2 * (head // 6), head // 6, head // 6], dim=1)
+    if compressed:
+        down = [c // p for c, p in zip(rope.compressed_patch_size, rope.patch_size)]
+        parts = [rope.avg_pool_complex(part, kernel_size=k, stride=k) for part, k in zip(parts, down)]
+    h, w = grid
+    frames = len(positions)
+    f = parts[0][positions.to(device)].view(frames, 1, 1, -1).expand(frames, h, w, -1)
+    y = parts[1][:h].view(1, h, 1, -1).expand(frames, h, w, -1)
+    x = parts[2][:w].view(1, 1, w, -1).expand(frames, h, w, -1)
+    return torch.cat([f, y, x], dim=-1).flatten(0, 2)[None, None]
