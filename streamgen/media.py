@@ -66,7 +66,7 @@ def read_frames(source: Source, *, height: int, width: int, max_frames: int | No
                     image = frame.to_image()
                     if frame.rotation:
                         image = image.rotate(frame.rotation, expand=True)
-                    frames.append(np.asarray(ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)))
+                    frames.append(_fit(image, height, width))
                     if len(frames) == max_frames:
                         break
         except (av.FFmpegError, OSError) as e:  # OSError: PyAV's seeks on the file object
@@ -74,6 +74,20 @@ def read_frames(source: Source, *, height: int, width: int, max_frames: int | No
     if not frames:
         raise MediaError("input decoded to zero frames")
     return np.stack(frames)
+
+
+def _fit(image: Image.Image, height: int, width: int) -> np.ndarray:
+    return np.asarray(ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS))
+
+
+def fit_frames(frames: np.ndarray, *, height: int, width: int) -> np.ndarray:
+    """Frames already in memory (uint8 `(T, H, W, 3)`) scaled and centre-cropped like `read_frames` does."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
+        raise MediaError(f"frames must be uint8 (T>0, H, W, 3), got {frames.dtype} {frames.shape}")
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([_fit(Image.fromarray(frame), height, width) for frame in frames])
 
 
 def _open(source: Source) -> BinaryIO:

@@ -321,8 +321,9 @@ class VideoWorld:
     def batch(self, seed: int, batch_size: int, num_frames: int) -> tuple[np.ndarray, list[str]]:
         """(B, T, H, W, 3) uint8 and B captions; element i is `clip((seed, i))`, so batches never share clips."""
         clips = [self.clip((seed, i), num_frames) for i in range(batch_size)]
-        frames = np.stack([c[0] for c in clips]) if clips else np.empty((0, num_frames, self.height, self.width, 3), np.uint8)
-        return frames, [c[1] for c in clips]
+        if not clips:
+            return np.empty((0, num_frames, self.height, self.width, 3), np.uint8), []
+        return np.stack([c[0] for c in clips]), [c[1] for c in clips]
 
 
 # --- analytic semantic scorer -------------------------------------------------------------------------------------
@@ -351,6 +352,8 @@ def estimate_background(frames: np.ndarray) -> np.ndarray | None:
     """
     x = np.asarray(frames, dtype=np.float32)
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]]).reshape(-1, 3)
+    if len(border) == 0:
+        return None
     near = np.linalg.norm(border - np.median(border, axis=0), axis=1) < _BG_TOLERANCE
     if near.mean() < 0.5:
         return None
@@ -396,7 +399,7 @@ def _shape_features(mask: np.ndarray, box_w: np.ndarray, box_h: np.ndarray) -> t
     Not the bounding-box fill ratio: blur rounds corners and fills a small triangle's apex, which moves fill
     across the class boundaries, while a row at quarter height and the diagonal extents move far less.
     """
-    n, h, w = mask.shape
+    _, h, w = mask.shape
     top = mask.any(axis=2).argmax(axis=1)
     widths = mask.sum(axis=2)
     quarter = [np.take_along_axis(widths, (top + np.floor(f * box_h)).astype(int)[:, None], axis=1)[:, 0]
@@ -464,8 +467,8 @@ def analyse(frames: np.ndarray, background: str | Sequence[float] | np.ndarray |
 
     Pixels are labelled by the named colour they blend towards from the background, each colour's mask is
     eroded (3x3) to drop speckle and regrown within itself, and persistent blobs become detections, largest first.
-    Objects are told apart by colour, which the world guarantees is distinct per object. `background` (a name or RGB) defaults to the estimate
-    from the borders; with no plain background there is nothing to detect.
+    Objects are told apart by colour, which the world guarantees is distinct per object. `background` (a name or
+    RGB) defaults to the estimate from the borders; with no plain background there is nothing to detect.
     """
     x = np.asarray(frames, dtype=np.float32)
     if x.ndim == 3:

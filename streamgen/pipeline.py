@@ -1,0 +1,309 @@
+"""`StreamingPipeline` (the loaded components) and `Session` (one endless stream over them).
+
+The components are exactly diffusers' `AnyFlowFARPipeline`'s, so its directories load and ours load in diffusers.
+A pipeline is shared by every session; a session owns its state: KV cache, VAE decoder cache, noise generator,
+prompt. `next_chunk` is the whole inference path: noise -> `steps` flow-map jumps -> cache update -> decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AnyFlowFARPipeline, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from . import media
+from .config import StreamConfig, check_steps
+from .engine import SinkWindow, StreamingEngine, TextCondition
+from .models import load_transformer
+from .text import DEFAULT_MAX_SEQUENCE_LENGTH, PromptEncoder
+from .vae import StreamingDecoder, encode_video, to_uint8_frames
+
+COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+STREAM_CONFIG = "stream_config.json"  # our addition to the diffusers layout: the model's stream defaults
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+_MODEL_DEFAULT = object()  # "not given": take the model's stream config
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (what the checkpoints are served in), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class ChunkTiming:
+    """Where one chunk's time went, in seconds."""
+
+    transformer: float = 0.0
+    cache: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.transformer + self.cache + self.decode
+
+
+class StreamingPipeline:
+    def __init__(
+        self,
+        transformer,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMapEulerDiscreteScheduler,
+        text_encoder: UMT5EncoderModel,
+        tokenizer,
+        config: StreamConfig | None = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    ) -> None:
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.config = config or StreamConfig()
+        self.engine = StreamingEngine(transformer, scheduler)
+        self.prompts = PromptEncoder(tokenizer, text_encoder, max_sequence_length)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> "StreamingPipeline":
+        """Load a directory in `AnyFlowFARPipeline`'s layout (NVIDIA's checkpoints, `save_pretrained` output)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+        index = directory / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "AnyFlowPipeline":
+            raise ValueError(
+                f"{directory} holds the bidirectional AnyFlow model (AnyFlowPipeline), which is not causal and cannot "
+                "stream; `streamgen generate --model` renders it as a whole clip instead"
+            )
+        missing = [name for name in COMPONENTS if not (directory / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks pipeline component(s): {', '.join(missing)}")
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        stream = json.loads((directory / STREAM_CONFIG).read_text()) if (directory / STREAM_CONFIG).is_file() else {}
+        max_sequence_length = stream.pop("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+        return cls(
+            transformer=load_transformer(directory / "transformer", dtype).to(device),
+            vae=AutoencoderKLWan.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval(),
+            scheduler=FlowMapEulerDiscreteScheduler.from_pretrained(directory / "scheduler"),
+            text_encoder=UMT5EncoderModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype).to(device).eval(),
+            tokenizer=AutoTokenizer.from_pretrained(directory / "tokenizer"),
+            config=StreamConfig(**stream),
+            max_sequence_length=max_sequence_length,
+        )
+
+    @classmethod
+    def default(cls, device: str | torch.device | None = None) -> "StreamingPipeline":
+        """The small model trained by `streamgen train` and shipped in the package."""
+        if not (DEFAULT_MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(f"the default model is missing at {DEFAULT_MODEL}; run `streamgen train all`")
+        return cls.from_pretrained(DEFAULT_MODEL, device=device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write diffusers' `AnyFlowFARPipeline` layout plus our stream defaults (ignored by diffusers)."""
+        self.as_reference().save_pretrained(directory)
+        stream = dataclasses.asdict(self.config) | {"max_sequence_length": self.prompts.max_sequence_length}
+        (Path(directory) / STREAM_CONFIG).write_text(json.dumps(stream, indent=2) + "\n")
+
+    def as_reference(self) -> AnyFlowFARPipeline:
+        """diffusers' reference pipeline over the same components (our oracle and baseline)."""
+        return AnyFlowFARPipeline(
+            transformer=self.transformer,
+            vae=self.vae,
+            scheduler=self.scheduler,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def latent_scale(self) -> tuple[int, int]:
+        """(temporal, spatial) VAE strides."""
+        return self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+
+    # -- sessions ------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        return self.prompts.encode(prompt).to(self.engine.dtype)
+
+    def start_session(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt: str = "",
+        seed: int | None = None,
+        steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        image=None,
+        video=None,
+        window: int | None = _MODEL_DEFAULT,
+        sink: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> "Session":
+        """Open a stream. `image`/`video` (a path, bytes, or uint8 `(T, H, W, 3)` frames) become its clean past.
+
+        Unset options take the model's stream config; `window=None` keeps every chunk (the reference's behaviour).
+        """
+        changes = {"steps": steps, "height": height, "width": width, "sink": sink, "guidance_scale": guidance_scale}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if window is not _MODEL_DEFAULT:
+            changes["window"] = window
+        config = self.config.replace(**changes)
+        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, image, video)
+
+
+class Session:
+    """One endless stream: call `next_chunk()` forever; memory stays bounded by the cache window."""
+
+    def __init__(
+        self,
+        pipe: StreamingPipeline,
+        config: StreamConfig,
+        prompt: str | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str,
+        seed: int | None,
+        image,
+        video,
+    ) -> None:
+        if image is not None and video is not None:
+            raise ValueError("give an image or a video to extend, not both")
+        self.pipe, self.config = pipe, config
+        self.negative_prompt = negative_prompt
+        self.text = self._condition(prompt, prompt_embeds)
+        self.prompt = prompt
+        self.seed = int(seed) if seed is not None else int(torch.seed() % 2**63)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        t_scale, s_scale = pipe.latent_scale
+        self.latent_size = (config.height // s_scale, config.width // s_scale)
+        max_frames = max(config.first_chunk_frames, config.chunk_frames)
+        self.cache = pipe.engine.new_cache(self.latent_size, max_frames, SinkWindow(config.sink, config.window))
+        self.decoder = StreamingDecoder(pipe.vae)
+        self.chunk_index = 0
+        self.frames_generated = 0
+        self.timing = ChunkTiming()
+        self.closed = False
+        self.context_frames: np.ndarray | None = None  # decoded reconstruction of an image/video given to extend
+        if image is not None or video is not None:
+            self._extend(image if image is not None else video, single=image is not None)
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def next_chunk(self, steps: int | None = None, noise: torch.Tensor | None = None, output_type: str = "np"):
+        """Denoise, cache and decode the next chunk. Returns uint8 `(frames, H, W, 3)` ("np"), RGB in [-1, 1]
+        `(1, 3, frames, H, W)` ("pt") or its latents `(1, F, C, h, w)` ("latent": not decoded, so a stream is
+        either all latents or all frames)."""
+        self._check_open()
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        steps = check_steps(self.config.steps if steps is None else steps)
+        engine = self.pipe.engine
+        shape = (1, self.config.chunk_size(self.chunk_index), engine.config.in_channels, *self.latent_size)
+        if noise is None:
+            noise = torch.randn(shape, generator=self.generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise for chunk {self.chunk_index} must have shape {shape}, got {tuple(noise.shape)}")
+        noise = noise.to(engine.device, engine.dtype)
+
+        timing = ChunkTiming()
+        start = time.perf_counter()
+        latents = engine.denoise(self.cache, noise, self.text, steps)
+        timing.transformer = _lap(start, engine.device)
+        start = time.perf_counter()
+        engine.commit(self.cache, latents, self.text)
+        timing.cache = _lap(start, engine.device)
+        self.chunk_index += 1
+        if output_type == "latent":
+            self.timing = timing
+            return latents
+        start = time.perf_counter()
+        video = self.decoder.decode(latents.to(self.pipe.vae.dtype))
+        result = video if output_type == "pt" else to_uint8_frames(video.float())
+        timing.decode = _lap(start, engine.device)
+        self.timing = timing
+        self.frames_generated += video.shape[2]
+        return result
+
+    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None) -> None:
+        """Later chunks follow the new prompt; the cached context is re-encoded under it so the change is smooth."""
+        self._check_open()
+        self.text = self._condition(prompt, prompt_embeds)
+        self.prompt = prompt
+        self.pipe.engine.recache(self.cache, self.text)
+
+    def close(self) -> None:
+        """Free the cache and decoder state now (not when the garbage collector gets to it)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cache.clear()
+        self.decoder.close()
+        self.context_frames = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes + self.decoder.nbytes
+
+    @property
+    def fps(self) -> int:
+        return self.config.fps
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _condition(self, prompt: str | None, prompt_embeds: torch.Tensor | None) -> TextCondition:
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt or prompt_embeds")
+        pipe = self.pipe
+        embeds = pipe.encode_prompt(prompt) if prompt is not None else prompt_embeds.to(pipe.device, pipe.engine.dtype)
+        negative = pipe.encode_prompt(self.negative_prompt) if self.config.guidance_scale > 1 else None
+        if negative is not None and negative.shape != embeds.shape:
+            raise ValueError("with guidance, prompt_embeds must have the text encoder's sequence length")
+        return TextCondition(embeds, negative, self.config.guidance_scale)
+
+    def _extend(self, source, single: bool) -> None:
+        """Encode an image or clip and make it the clean past the stream continues from (I2V / V2V)."""
+        height, width = self.config.height, self.config.width
+        if isinstance(source, np.ndarray):
+            frames = media.fit_frames(source, height=height, width=width)
+        else:
+            frames = media.read_frames(source, height=height, width=width, max_frames=None if not single else 1)
+        frames = frames[:1] if single else media.trim_to_4k_plus_1(frames)
+        pipe = self.pipe
+        latents = encode_video(pipe.vae, frames).to(pipe.device, pipe.engine.dtype)
+        reconstruction, start = [], 0
+        while start < latents.shape[1]:
+            size = self.config.chunk_size(self.chunk_index)
+            chunk = latents[:, start : start + size]
+            pipe.engine.commit(self.cache, chunk, self.text)
+            reconstruction.append(to_uint8_frames(self.decoder.decode(chunk.to(pipe.vae.dtype)).float()))
+            self.chunk_index += 1
+            start += size
+        self.context_frames = np.concatenate(reconstruction)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this session is closed")
+
+
+def _lap(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
