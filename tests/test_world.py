@@ -84,7 +84,8 @@ def test_render_continues_an_endless_clip() -> None:
     for seed in range(4):
         scene = sample_scene(seed)
         whole = render(scene, 40, 64, 64)
-        assert np.array_equal(np.concatenate([render(scene, 20, 64, 64), render(scene, 20, 64, 64, start_frame=20)]), whole)
+        pieces = [render(scene, 20, 64, 64), render(scene, 20, 64, 64, start_frame=20)]
+        assert np.array_equal(np.concatenate(pieces), whole)
         # Far into the stream (10x a training clip) pieces still agree.
         far = render(scene, 10, 64, 64, start_frame=810)
         assert np.array_equal(np.concatenate([render(scene, 4, 64, 64, 810), render(scene, 6, 64, 64, 814)]), far)
@@ -116,7 +117,8 @@ def test_caption_matches_frames_directly() -> None:
         frames = render(scene, 11, 64, 64)
         near = np.linalg.norm(frames.astype(np.float32) - COLOURS[obj.colour], axis=-1) < 30
         ys, xs = np.mgrid[0:64, 0:64]
-        centroids = np.stack([(near * xs).sum(axis=(1, 2)), (near * ys).sum(axis=(1, 2))], 1) / near.sum(axis=(1, 2))[:, None]
+        area = near.sum(axis=(1, 2))
+        centroids = np.stack([(near * xs).sum(axis=(1, 2)) / area, (near * ys).sum(axis=(1, 2)) / area], axis=1)
         motion = centroids[-1] - centroids[0]
         ux, uy = DIRECTIONS[spec.direction]
         # Along the captioned direction it moved; across it, it did not (no bounce in the first second).

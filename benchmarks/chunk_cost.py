@@ -1,0 +1,111 @@
+"""Per-chunk latency against chunk index: our incremental cache vs the reference's re-encode-everything.
+
+The reference (`AnyFlowFARPipeline`) re-encodes the whole clean prefix after every chunk, so its chunk cost grows
+with the stream; the engine encodes one demoted chunk plus the full-resolution window, so its cost is flat.
+Both run the same random-weight model, prompt embeddings and step budget in one process; a chunk's latency is
+the time from the previous chunk's last denoising step to this chunk's last one (cache update + denoising).
+
+    python benchmarks/chunk_cost.py [--preset small] [--steps 4] [--chunks 33]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from streamgen import StreamConfig, StreamingPipeline, presets
+from streamgen.engine import SinkWindow, TextCondition
+
+INDICES = (1, 4, 8, 16, 32)
+RESULTS = Path(__file__).parent / "results"
+
+
+def reference_latencies(pipe: StreamingPipeline, embeds: torch.Tensor, noise: torch.Tensor, steps: int, partition):
+    """Chunk latencies of diffusers' pipeline, read from its per-step callback."""
+    stamps: list[float] = []
+
+    def on_step(pipeline, i, t, kwargs):
+        stamps.append(time.perf_counter())
+        return {}
+
+    start = time.perf_counter()
+    pipe.as_reference()(
+        prompt_embeds=embeds,
+        height=pipe.config.height,
+        width=pipe.config.width,
+        num_frames=4 * (sum(partition) - 1) + 1,
+        num_inference_steps=steps,
+        chunk_partition=partition,
+        output_type="latent",
+        latents=noise.permute(0, 2, 1, 3, 4).clone(),
+        callback_on_step_end=on_step,
+    )
+    ends = [start] + stamps[steps - 1 :: steps]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def engine_latencies(pipe: StreamingPipeline, embeds: torch.Tensor, noise: torch.Tensor, steps: int, partition):
+    """Chunk latencies of the streaming engine: commit of the previous chunk + denoising of this one."""
+    engine, text = pipe.engine, TextCondition(embeds)
+    h, w = noise.shape[-2:]
+    cache = engine.new_cache((h, w), max(partition), SinkWindow())  # unbounded: same context as the reference
+    latencies, start, previous = [], 0, None
+    for frames in partition:
+        began = time.perf_counter()
+        if previous is not None:
+            engine.commit(cache, previous, text)
+        previous = engine.denoise(cache, noise[:, start : start + frames], text, steps)
+        latencies.append(time.perf_counter() - began)
+        start += frames
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--chunks", type=int, default=max(INDICES) + 1)
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    p = presets.PRESETS[args.preset]
+    pipe = StreamingPipeline(**presets.build(args.preset), config=StreamConfig(height=p.height, width=p.width))
+    partition = [1] + [3] * (args.chunks - 1)
+    latent = (p.height // 8, p.width // 8)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 32, p.text_dim, generator=gen)
+    noise = torch.randn(1, sum(partition), 16, *latent, generator=gen)
+
+    ours = engine_latencies(pipe, embeds, noise, args.steps, partition)
+    theirs = reference_latencies(pipe, embeds, noise, args.steps, partition)
+
+    rows = [(i, ours[i], theirs[i], theirs[i] / ours[i]) for i in INDICES if i < len(partition)]
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    lines = [
+        f"# Chunk cost vs chunk index ({args.preset} preset, {p.height}x{p.width}, {args.steps} steps, CPU)",
+        "",
+        f"Machine: {machine}. One run; latency = previous chunk's cache update + this chunk's denoising.",
+        "",
+        "| chunk index | engine (ms) | reference re-encode (ms) | reference / engine |",
+        "|---:|---:|---:|---:|",
+        *(f"| {i} | {1000 * a:.0f} | {1000 * b:.0f} | {r:.2f}x |" for i, a, b, r in rows),
+        "",
+        f"Engine flatness: chunk {rows[-1][0]} / chunk {rows[0][0]} = {rows[-1][1] / rows[0][1]:.2f}x; "
+        f"reference: {rows[-1][2] / rows[0][2]:.2f}x.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "chunk_cost.md").write_text(text + "\n")
+    (RESULTS / "chunk_cost.json").write_text(
+        json.dumps({"machine": machine, "preset": args.preset, "steps": args.steps, "engine_s": ours, "reference_s": theirs}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

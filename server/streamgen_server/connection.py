@@ -1,0 +1,224 @@
+"""One client's side of the protocol over any message transport.
+
+A transport adapter (websockets today, an ASGI websocket tomorrow) creates a `Connection` with an async `send`
+for text and binary messages, calls `open()`, then `receive()` for every message, and `close()` when the socket
+is gone. The connection validates and rate-limits what the client sends, owns at most one stream (no message
+can name another connection's), and writes that stream's events and media back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from streamgen import media
+from streamgen.config import MAX_STEPS
+
+from . import protocol
+from .metrics import Metrics
+from .protocol import (
+    MODES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Pause,
+    ProtocolError,
+    Resume,
+    SetPrompt,
+    SetSteps,
+    Start,
+    Stop,
+    event,
+)
+from .scheduler import MediaChunk, Scheduler, Stream
+
+Send = Callable[[str | bytes], Awaitable[None]]
+
+
+class TokenBucket:
+    """`rate` messages per second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.updated = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Connection:
+    def __init__(self, scheduler: Scheduler, send: Send, metrics: Metrics) -> None:
+        self.scheduler, self.metrics, self.limits = scheduler, metrics, scheduler.limits
+        self._send = send
+        self._bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
+        self._upload: Start | None = None  # a start waiting for its binary upload
+        self._stream: Stream | None = None
+        self._sender: asyncio.Task[None] | None = None  # writes the stream's messages
+
+    async def open(self) -> None:
+        """Greet the client with what it needs before a `start`: protocol version, stream format, limits."""
+        config = self.scheduler.pipe.config
+        await self._emit(
+            event(
+                "ready",
+                protocol=PROTOCOL_VERSION,
+                width=config.width,
+                height=config.height,
+                fps=config.fps,
+                steps=config.steps,
+                max_steps=MAX_STEPS,
+                modes=list(MODES),
+                limits=self.limits.announce(),
+            )
+        )
+
+    async def receive(self, message: str | bytes) -> None:
+        """Handle one client message; whatever is wrong with it is answered with an `error`, never a disconnect."""
+        try:
+            if not self._bucket.take():
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, f"over {self.limits.messages_per_second:g} messages per second; dropped"
+                )
+            if isinstance(message, str):
+                await self._command(protocol.parse(message, self.limits))
+            else:
+                await self._uploaded(message)
+        except ProtocolError as e:
+            await self._emit(protocol.error(e.code, e.message))
+
+    async def close(self) -> None:
+        """The client is gone: free its session at once (or right after its running chunk), stop writing."""
+        self._upload = None
+        if self._stream is not None:
+            self.scheduler.close(self._stream, "disconnected")
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        self._stream = self._sender = None
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (bounded) until the stream's last messages, `stopped` included, are written: graceful shutdown."""
+        if self._sender is not None:
+            await asyncio.wait([self._sender], timeout=timeout)
+
+    # -- commands ------------------------------------------------------------------------------------------
+    async def _command(self, command: protocol.Command) -> None:
+        match command:
+            case Start():
+                if self._upload is not None or self._live() is not None:
+                    raise ProtocolError(ErrorCode.SESSION_EXISTS, "this connection already has a session; stop it first")
+                if command.upload_bytes:
+                    self._upload = command
+                else:
+                    await self._begin(command, None)
+            case Stop() if self._upload is not None:
+                self._upload = None
+                await self._emit(event("stopped", reason="client", chunks=0, frames=0))
+            case Stop():
+                self.scheduler.close(self._require(), "client")
+            case SetPrompt(prompt=prompt):
+                self._require().pending_prompt = prompt
+            case SetSteps(steps=steps):
+                self._require().steps = steps
+            case Pause() | Resume():
+                paused = isinstance(command, Pause)
+                self.scheduler.pause(self._require(), paused)
+                await self._emit(event("paused" if paused else "resumed"))
+
+    async def _uploaded(self, data: bytes) -> None:
+        """The binary message after an i2v/v2v `start`: decoded here (off the loop), kept to the frames used."""
+        start, self._upload = self._upload, None
+        if start is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_BINARY, "binary data is only accepted right after an i2v/v2v start")
+        if len(data) != start.upload_bytes:
+            raise ProtocolError(
+                ErrorCode.BAD_UPLOAD, f"announced {start.upload_bytes} bytes, received {len(data)}; start again"
+            )
+        config = self.scheduler.pipe.config
+        frames = 1 if start.mode == "i2v" else self.limits.max_context_frames
+        try:
+            context = await asyncio.to_thread(
+                media.read_frames, data, height=config.height, width=config.width, max_frames=frames
+            )
+        except media.MediaError as e:
+            raise ProtocolError(ErrorCode.BAD_MEDIA, str(e)) from None
+        await self._begin(start, context)
+
+    async def _begin(self, start: Start, context) -> None:
+        if self._sender is not None:  # the previous stream's last messages go out before the new stream's
+            await self._sender
+        self._stream = self.scheduler.open(start, context)
+        self._sender = asyncio.create_task(self._forward(self._stream))
+
+    def _live(self) -> Stream | None:
+        return self._stream if self._stream is not None and not self._stream.closed else None
+
+    def _require(self) -> Stream:
+        stream = self._live()
+        if stream is None:
+            raise ProtocolError(ErrorCode.NO_SESSION, "no session on this connection; send start first")
+        return stream
+
+    # -- output --------------------------------------------------------------------------------------------
+    async def _emit(self, message: dict[str, Any]) -> None:
+        if message["type"] == "error":
+            self.metrics.error(message["code"])
+        await self._send(protocol.encode(message))
+
+    async def _forward(self, stream: Stream) -> None:
+        async for message in stream.messages():
+            if isinstance(message, MediaChunk):
+                await self._send_media(message)
+            else:
+                await self._emit(message)
+
+    async def _send_media(self, chunk: MediaChunk) -> None:
+        """Each binary message is announced by a `segment` message; a generated chunk is followed by its stats."""
+        start = time.perf_counter()
+        segments = chunk.segments
+        if segments[0].init:
+            await self._emit(event("segment", kind="init", bytes=len(segments[0])))
+            await self._send(bytes(segments[0]))
+            segments = segments[1:]
+        data = b"".join(segments)
+        await self._emit(
+            event(
+                "segment",
+                kind="context" if chunk.index is None else "chunk",
+                chunk=chunk.index,
+                first_frame=chunk.first_frame,
+                frames=chunk.frames,
+                keyframe=segments[0].keyframe,
+                bytes=len(data),
+            )
+        )
+        await self._send(data)
+        timing = chunk.timing
+        stages = {
+            "transformer": timing.transformer,
+            "cache": timing.cache,
+            "decode": timing.decode,
+            "encode": chunk.encode,
+            "send": time.perf_counter() - start,
+        }
+        self.metrics.chunk_sent(chunk.frames, sum(map(len, chunk.segments)), stages)
+        if chunk.index is not None:
+            latency = {stage: round(1000 * seconds, 2) for stage, seconds in stages.items()}
+            latency["total"] = round(sum(latency.values()), 2)
+            await self._emit(
+                event(
+                    "chunk",
+                    chunk=chunk.index,
+                    frames=chunk.frames,
+                    steps=chunk.steps,
+                    prompt=chunk.prompt,
+                    latency_ms=latency,
+                )
+            )

@@ -1,0 +1,223 @@
+"""The wire protocol, version 1 (docs/protocol.md): what clients may send, checked here, and what they receive.
+
+Pure functions and data, no sockets and no event loop, so any transport (the websockets adapter, an ASGI
+websocket) and the tests share one definition of a valid message and one list of error codes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from streamgen.config import check_steps
+
+PROTOCOL_VERSION = 1
+MODES = ("t2v", "i2v", "v2v")  # text, image or video to video; i2v and v2v are followed by one binary upload
+MAX_SEED = 2**63 - 1
+
+
+class ErrorCode(StrEnum):
+    """Every failure a client can be told about; each reaches it as `{"type": "error", "code", "message"}`."""
+
+    BAD_JSON = "bad_json"  # not JSON, not an object, or nested too deep
+    BAD_MESSAGE = "bad_message"  # missing, unknown or mistyped fields
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    OUT_OF_RANGE = "out_of_range"  # a value of the right type outside its range (steps, seed, prompt length)
+    TOO_LARGE = "too_large"  # a control message or an announced upload over its limit
+    RATE_LIMITED = "rate_limited"
+    NO_SESSION = "no_session"  # a command for a session this connection does not have
+    SESSION_EXISTS = "session_exists"  # a second start while one is live: one session per connection
+    UNEXPECTED_BINARY = "unexpected_binary"  # binary data with no upload announced
+    BAD_UPLOAD = "bad_upload"  # an upload whose size differs from the announced one
+    BAD_MEDIA = "bad_media"  # an upload the media library cannot decode
+    SERVER_FULL = "server_full"  # every session slot busy and the waiting queue full
+    UNAUTHORIZED = "unauthorized"  # handshake without the server's token (HTTP 401)
+    FORBIDDEN_ORIGIN = "forbidden_origin"  # handshake from a page of another site (HTTP 403)
+    NOT_FOUND = "not_found"  # HTTP route that does not exist
+    INTERNAL = "internal"  # a failure of the server itself; the session ends, the connection stays
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; the connection answers it with an `error` message and stays open."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the server. Documented in docs/protocol.md and announced in `ready`."""
+
+    max_message_bytes: int = 64 * 1024  # one JSON control message
+    max_upload_bytes: int = 16 * 1024 * 1024  # one image or clip to extend
+    max_context_frames: int = 33  # frames of an uploaded clip that are decoded and kept (2 s at 16 fps)
+    max_prompt_chars: int = 2000
+    messages_per_second: float = 50.0  # sustained rate of client messages...
+    message_burst: int = 200  # ...with bursts up to this many
+    max_queued: int = 32  # sessions waiting for a slot
+    max_connections: int = 128
+    chunk_buffer: int = 2  # encoded chunks waiting per session before its generation waits for the client
+
+    def announce(self) -> dict[str, Any]:
+        """The limits a client must respect, as sent in `ready`."""
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_context_frames": self.max_context_frames,
+            "max_prompt_chars": self.max_prompt_chars,
+            "messages_per_second": self.messages_per_second,
+            "message_burst": self.message_burst,
+        }
+
+
+# -- client -> server -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    prompt: str
+    mode: str = "t2v"
+    seed: int | None = None
+    steps: int | None = None
+    upload_bytes: int = 0  # i2v/v2v: size of the binary message that must follow
+    realtime: bool = True  # pace generation to playback speed (a viewer) or run flat out (a recorder)
+
+
+@dataclass(frozen=True)
+class SetPrompt:
+    prompt: str
+
+
+@dataclass(frozen=True)
+class SetSteps:
+    steps: int
+
+
+@dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Command = Start | SetPrompt | SetSteps | Pause | Resume | Stop
+
+
+def parse(text: str, limits: Limits) -> Command:
+    """Validate one text message into a command, or raise `ProtocolError` saying what is wrong with it."""
+    if len(text.encode()) > limits.max_message_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"control messages are limited to {limits.max_message_bytes} bytes")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"message is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, "a message must be a JSON object")
+    kind = data.pop("type", None)
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message needs a string field 'type'")
+    if kind not in _FIELDS:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; expected one of {list(_FIELDS)}")
+    allowed, required = _FIELDS[kind]
+    unknown = sorted(data.keys() - allowed)
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}: unknown field(s) {unknown[:5]}")
+    missing = sorted(required - data.keys())
+    if missing:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}: missing field(s) {missing}")
+    if kind == "start":
+        return _start(data, limits)
+    if kind == "prompt":
+        return SetPrompt(_prompt(data["prompt"], limits))
+    if kind == "steps":
+        return SetSteps(_steps(data["steps"]))
+    return {"pause": Pause, "resume": Resume, "stop": Stop}[kind]()
+
+
+# type -> (allowed fields, required fields)
+_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "start": ({"protocol", "mode", "prompt", "seed", "steps", "upload_bytes", "realtime"}, {"prompt"}),
+    "prompt": ({"prompt"}, {"prompt"}),
+    "steps": ({"steps"}, {"steps"}),
+    "pause": (set(), set()),
+    "resume": (set(), set()),
+    "stop": (set(), set()),
+}
+
+
+def _start(data: dict[str, Any], limits: Limits) -> Start:
+    version = data.get("protocol", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"this server speaks protocol {PROTOCOL_VERSION}")
+    mode = data.get("mode", "t2v")
+    if mode not in MODES:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: mode must be one of {list(MODES)}")
+    upload = data.get("upload_bytes", 0)
+    if mode == "t2v":
+        if upload:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: t2v takes no upload")
+    else:
+        if isinstance(upload, int) and upload > limits.max_upload_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"start: uploads are limited to {limits.max_upload_bytes} bytes")
+        upload = _integer(upload, "upload_bytes", 1, limits.max_upload_bytes)
+    realtime = data.get("realtime", True)
+    if not isinstance(realtime, bool):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: realtime must be true or false")
+    seed = data.get("seed")
+    return Start(
+        prompt=_prompt(data["prompt"], limits),
+        mode=mode,
+        seed=None if seed is None else _integer(seed, "seed", 0, MAX_SEED),
+        steps=None if data.get("steps") is None else _steps(data["steps"]),
+        upload_bytes=upload,
+        realtime=realtime,
+    )
+
+
+def _prompt(value: Any, limits: Limits) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "prompt must be a non-empty string")
+    if len(value) > limits.max_prompt_chars:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"prompt is limited to {limits.max_prompt_chars} characters")
+    return value
+
+
+def _steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"steps must be an integer, got {json.dumps(value)[:40]}")
+    try:
+        return check_steps(value)
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, str(e)) from None
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name} must be an integer, got {json.dumps(value)[:40]}")
+    if not low <= value <= high:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+# -- server -> client -----------------------------------------------------------------------------------------
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    """One server message; serialized with `encode` when it is sent."""
+    return {"type": kind, **fields}
+
+
+def error(code: ErrorCode, message: str) -> dict[str, Any]:
+    return event("error", code=str(code), message=message)
+
+
+def encode(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))

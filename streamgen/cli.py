@@ -1,0 +1,129 @@
+"""`streamgen generate | serve | bench | train`: thin argument parsing over the library and the server."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_FPS
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory (diffusers layout); default: the shipped model")
+    parser.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def load_pipeline(args: argparse.Namespace):
+    from .pipeline import StreamingPipeline
+
+    if args.model:
+        return StreamingPipeline.from_pretrained(args.model, device=args.device)
+    return StreamingPipeline.default(device=args.device)
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Render `--seconds` of video to an MP4, chunk by chunk, with a progress bar."""
+    from tqdm import tqdm
+
+    from .media import Mp4Writer
+
+    if args.model and (Path(args.model) / "model_index.json").is_file():
+        import json
+
+        if json.loads((Path(args.model) / "model_index.json").read_text()).get("_class_name") == "AnyFlowPipeline":
+            return _generate_bidirectional(args)
+    pipe = load_pipeline(args)
+    session = pipe.start_session(
+        args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width, image=args.image, video=args.video
+    )
+    fps = session.fps
+    target = max(1, math.ceil(args.seconds * fps))
+    with session, Mp4Writer(args.output, fps=fps) as writer:
+        if session.context_frames is not None:
+            writer.write(session.context_frames)
+        with tqdm(total=target, unit="frame", desc="generating") as bar:
+            done = 0
+            while done < target:
+                frames = session.next_chunk()
+                writer.write(frames)
+                done += len(frames)
+                bar.update(len(frames))
+                bar.set_postfix(chunk_ms=f"{1000 * session.timing.total:.0f}")
+    print(f"wrote {args.output} ({writer.frames_written} frames at {fps} fps)")
+    return 0
+
+
+def _generate_bidirectional(args: argparse.Namespace) -> int:
+    """NVIDIA's bidirectional AnyFlow-Wan2.1-T2V cannot stream: render the whole clip with diffusers' pipeline."""
+    import torch
+    from diffusers import AnyFlowPipeline
+
+    from .media import write_mp4
+    from .pipeline import default_device, default_dtype
+
+    device = torch.device(args.device) if args.device else default_device()
+    pipe = AnyFlowPipeline.from_pretrained(args.model, torch_dtype=default_dtype(device)).to(device)
+    frames = 1 + 4 * max(0, math.ceil(args.seconds * DEFAULT_FPS / 4))
+    video = pipe(
+        prompt=args.prompt,
+        height=args.height or 480,
+        width=args.width or 832,
+        num_frames=frames,
+        num_inference_steps=args.steps or 4,
+        generator=torch.Generator().manual_seed(args.seed or 0),
+        output_type="np",
+    ).frames[0]
+    write_mp4(args.output, (video * 255).round().astype("uint8"), fps=DEFAULT_FPS)
+    print(f"wrote {args.output} ({len(video)} frames, bidirectional AnyFlow: rendered whole, not streamed)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="render a prompt to an MP4")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--seconds", type=float, default=5.0)
+    gen.add_argument("--steps", type=int, help="flow-map steps per chunk (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("-o", "--output", default="out.mp4")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--image", help="extend this image (I2V)")
+    source.add_argument("--video", help="extend this video (V2V)")
+    _add_model_args(gen)
+    gen.set_defaults(run=generate)
+
+    serve = commands.add_parser("serve", help="live websocket server with a browser page")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--max-sessions", type=int, default=2)
+    serve.add_argument("--token", help="require this token from clients")
+    serve.add_argument(
+        "--allow-origin", action="append", metavar="ORIGIN", help="also accept pages from ORIGIN (repeatable)"
+    )
+    serve.set_defaults(run=lambda a: __import__("streamgen_server.app", fromlist=["main"]).main(a))
+
+    for name, module, text in (
+        ("bench", "streamgen.bench", "latency and fps per step budget"),
+        ("train", "streamgen.training.cli", "train the default model"),
+    ):
+        sub = commands.add_parser(name, help=text, add_help=False)
+        sub.set_defaults(run=lambda a, module=module: __import__(module, fromlist=["main"]).main(a.rest))
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The default model's components at toy scale, and the few helpers every training stage shares.
+
+Every class is the one NVIDIA's checkpoints use (Wan VAE, UMT5, Wan teacher, AnyFlow-FAR student), only smaller,
+so the shipped model runs through exactly the code path of the real weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanTransformer3DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from ..models import far_from_wan
+from .world import vocabulary
+
+# Wan shifts its training and sampling times towards noise by 5 at 480p; our 8x8 latents carry far less
+# redundancy per frame, so a milder shift (the SD3 resolution rule moves it down with the token count).
+SHIFT = 3.0
+MAX_SEQUENCE_LENGTH = 32  # the longest grammar caption (two objects) is 23 words
+PAD, UNK = "<pad>", "<unk>"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size of the toy model in one place (the tests use a tinier instance)."""
+
+    height: int = 64
+    width: int = 64
+    vae_base_dim: int = 8
+    text_dim: int = 64
+    heads: int = 4
+    head_dim: int = 32
+    layers: int = 6
+    ffn_dim: int = 512
+    clip_latent_frames: int = 13  # 49 video frames, like a short Wan clip
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A closed word-level tokenizer over the caption grammar; any other word maps to <unk>, so any prompt encodes."""
+    vocab = {PAD: 0, UNK: 1} | {word: i + 2 for i, word in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, model_max_length=MAX_SEQUENCE_LENGTH)
+
+
+def build_text_encoder(sizes: Sizes, vocab_size: int) -> UMT5EncoderModel:
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=sizes.text_dim,
+        d_kv=sizes.text_dim // 4,
+        d_ff=2 * sizes.text_dim,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+    )
+    return UMT5EncoderModel(config)
+
+
+def build_vae(sizes: Sizes) -> AutoencoderKLWan:
+    """Wan's causal VAE (8x space, 4x time, 16 channels) with few channels: its decoder runs in the live loop."""
+    return AutoencoderKLWan(
+        base_dim=sizes.vae_base_dim,
+        z_dim=16,
+        dim_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
+
+
+def build_teacher(sizes: Sizes) -> WanTransformer3DModel:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=sizes.heads,
+        attention_head_dim=sizes.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=sizes.text_dim,
+        freq_dim=64,
+        ffn_dim=sizes.ffn_dim,
+        num_layers=sizes.layers,
+        rope_max_seq_len=1024,
+    )
+
+
+def build_scheduler() -> FlowMapEulerDiscreteScheduler:
+    return FlowMapEulerDiscreteScheduler(shift=SHIFT)
+
+
+def causal_teacher(teacher: WanTransformer3DModel) -> torch.nn.Module:
+    """The teacher in the student's causal layout, as a velocity field: `far_from_wan` with the r-gate closed.
+
+    With gate 0 the model ignores r, so a flow-map "jump" t -> r through it is exactly an Euler step of the
+    teacher's ODE: the streaming engine then samples the teacher, and training reads its velocity in one call.
+    """
+    far = far_from_wan(teacher)
+    far.condition_embedder.delta_emb_gate.zero_()
+    return far.requires_grad_(False).eval()
+
+
+def encode_captions(
+    tokenizer: PreTrainedTokenizerFast, text_encoder: UMT5EncoderModel, captions: list[str]
+) -> torch.Tensor:
+    """`(B, MAX_SEQUENCE_LENGTH, dim)` embeddings, zero past each caption's tokens, differentiable.
+
+    Batched twin of `streamgen.text.PromptEncoder.encode` (which is single-prompt, cached and no-grad): training
+    must see exactly the embeddings inference will.
+    """
+    inputs = tokenizer(
+        captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+    )
+    mask = inputs.attention_mask.to(text_encoder.device)
+    states = text_encoder(inputs.input_ids.to(text_encoder.device), mask).last_hidden_state
+    return states * mask[..., None].to(states.dtype)
+
+
+def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
+    """Wan's training-time distribution: uniform u pushed towards noise by SHIFT (the scheduler's own map)."""
+    return SHIFT * u / (1 + (SHIFT - 1) * u)

@@ -1,0 +1,66 @@
+"""Training data from the procedural world: pixel clips for the VAE, a cached latent set for the transformers.
+
+Clips are a pure function of (stage, step), so resuming needs no data state. The transformers train on a fixed set
+of clips encoded once by the trained VAE: encoding on the fly would cost more than the toy transformer's step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from tqdm import tqdm
+
+from ..vae import encode_video
+from .world import VideoWorld
+
+CHUNKS = (1, 3, 3, 3, 3)  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
+
+
+def pixel_clips(world: VideoWorld, seed: int, batch: int, frames: int) -> tuple[torch.Tensor, list[str]]:
+    """`(B, 3, T, H, W)` in [-1, 1] (the VAE's layout and range) and the captions."""
+    video, captions = world.batch(seed, batch, frames)
+    x = torch.from_numpy(video).float().div(127.5).sub(1.0)
+    return x.permute(0, 4, 1, 2, 3).contiguous(), captions
+
+
+@torch.no_grad()
+def set_latent_stats(vae: AutoencoderKLWan, world: VideoWorld, clips: int = 32, frames: int = 17) -> None:
+    """Write per-channel `latents_mean`/`latents_std` of the posterior mean into the VAE's config, so normalised
+    latents are about unit variance: the flow-matching noise scale every later stage assumes."""
+    x, _ = pixel_clips(world, seed=-1, batch=clips, frames=frames)
+    mu = vae.encode(x.to(vae.device)).latent_dist.mean
+    mean = mu.mean(dim=(0, 2, 3, 4))
+    std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+
+
+@dataclass
+class LatentSet:
+    """Normalised clip latents `(N, F, C, h, w)` (the transformer's layout) with their captions."""
+
+    latents: torch.Tensor
+    captions: list[str]
+
+    def batch(self, step: int, size: int, frames: int, salt: int = 0) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(len(self.captions), (size,), generator=torch.Generator().manual_seed(salt * 7919 + step))
+        return self.latents[index, :frames], [self.captions[i] for i in index.tolist()]
+
+    @classmethod
+    def build(cls, path: Path, vae: AutoencoderKLWan, world: VideoWorld, clips: int, frames: int) -> "LatentSet":
+        """Encode `clips` world clips of `frames` latent frames once and cache them at `path`."""
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if saved["latents"].shape[0] >= clips and saved["latents"].shape[1] >= frames:
+                return cls(saved["latents"][:clips, :frames], saved["captions"][:clips])
+        latents, captions = [], []
+        for i in tqdm(range(clips), desc="encoding clips", unit="clip"):
+            video, caption = world.clip((-2, i), 1 + 4 * (frames - 1))
+            latents.append(encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0])
+            captions.append(caption)
+        saved = {"latents": torch.stack(latents), "captions": captions}
+        torch.save(saved, path)
+        return cls(**saved)

@@ -1,0 +1,186 @@
+"""AnyFlow's causal training forward and losses, through diffusers' own `AnyFlowFARTransformer3DModel.forward`.
+
+The layout is the FAR training layout: every chunk appears noisy (to be denoised) and clean (as context for later
+chunks, "teacher forcing"); chunks beyond `full_chunk_limit` are clean compressed context. diffusers builds its
+mask as a flex-attention `BlockMask`, which has no backward on CPU; we evaluate the very same `mask_mod` on an index
+grid instead and hand the dense boolean mask to the SDPA processor `streamgen.engine.attention` installs.
+
+Times are sigmas in [0, 1] here (z_t = (1 - t) x0 + t noise, v = noise - x0); the model takes them x1000.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from diffusers import AnyFlowFARTransformer3DModel
+
+from ..engine import attention
+from .components import shifted_sigmas
+
+_SCALE = 1000.0  # the scheduler's num_train_timesteps
+_FD_STEP = 5e-3  # finite-difference step in sigma for d u / d t
+
+
+@lru_cache(maxsize=64)
+def _dense_mask(mask_mod, length: int) -> torch.Tensor:
+    index = torch.arange(length)
+    return mask_mod(0, 0, index[:, None], index[None, :])
+
+
+def far_mask(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...], h: int, w: int) -> torch.Tensor:
+    """diffusers' FAR training mask (with clean context) as a dense `(L, L)` bool, cropped to the real tokens."""
+    block = _block_mask(model.config.patch_size, model.config.compressed_patch_size, model.config.full_chunk_limit,
+                        partition, h, w)
+    compressed = _compressed_frames(model, partition)
+    full = sum(partition) - compressed
+    cfg = model.config
+    length = compressed * (h // cfg.compressed_patch_size[1]) * (w // cfg.compressed_patch_size[2])
+    length += 2 * full * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    return _dense_mask(block.mask_mod, length).to(model.device)
+
+
+@lru_cache(maxsize=64)
+def _block_mask(patch, compressed_patch, full_chunk_limit, partition, h, w):
+    from diffusers.models.transformers.transformer_anyflow_far import _build_anyflow_far_causal_block_mask
+
+    return _build_anyflow_far_causal_block_mask(
+        list(partition), h, w, tuple(patch), tuple(compressed_patch), full_chunk_limit, mode="train",
+        has_clean_context=True,
+    )
+
+
+def _compressed_frames(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...]) -> int:
+    """Frames that `_forward_train` turns into compressed context (chunks beyond `full_chunk_limit`)."""
+    excess = max(0, len(partition) - model.config.full_chunk_limit)
+    return sum(partition[:excess])
+
+
+def causal_velocity(
+    model: AnyFlowFARTransformer3DModel,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    text: torch.Tensor,
+    partition: tuple[int, ...],
+) -> torch.Tensor:
+    """u(z_t, t, r) for every full-resolution frame, each chunk seeing the clean chunks before it.
+
+    Args:
+        noisy, clean: `(B, F, C, h, w)` over the partition's frames; compressed frames are taken from `clean`.
+        t, r: `(B, F)` sigmas per frame (compressed frames are forced to 0, as they are clean).
+    Returns:
+        `(B, F_full, C, h, w)`, F_full being the frames after the compressed context.
+    """
+    attention.install(model)
+    c = _compressed_frames(model, partition)
+    hidden = torch.cat([clean[:, :c], noisy[:, c:]], dim=1)
+    zero = torch.zeros_like(t[:, :c])
+    h, w = noisy.shape[-2:]
+    return model(
+        hidden_states=hidden,
+        timestep=torch.cat([zero, t[:, c:]], dim=1) * _SCALE,
+        r_timestep=torch.cat([zero, r[:, c:]], dim=1) * _SCALE,
+        encoder_hidden_states=text,
+        chunk_partition=list(partition),
+        clean_hidden_states=clean[:, c:],
+        clean_timestep=torch.zeros_like(t[:, c:]),
+        attention_mask=far_mask(model, partition, h, w),
+    ).sample
+
+
+def per_frame(values: torch.Tensor, partition: tuple[int, ...]) -> torch.Tensor:
+    """`(B, chunks)` -> `(B, frames)`: one value per chunk, repeated over its frames."""
+    return values.repeat_interleave(torch.tensor(partition, device=values.device), dim=1)
+
+
+def sample_times(batch: int, partition: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk (t, r): t from Wan's shifted distribution; r = t (plain flow matching, keeps the velocity),
+    r = 0 (the one-jump endpoint) or uniform in [0, t] (every budget in between), a quarter/quarter/half mix."""
+    shape = (batch, len(partition))
+    t = shifted_sigmas(torch.rand(shape, generator=gen))
+    kind = torch.rand(shape, generator=gen)
+    r = torch.where(kind < 0.25, t, torch.where(kind < 0.5, torch.zeros_like(t), t * torch.rand(shape, generator=gen)))
+    return per_frame(t, partition), per_frame(r, partition)
+
+
+def _b(x: torch.Tensor) -> torch.Tensor:
+    return x[..., None, None, None]
+
+
+def flowmap_loss(
+    model: AnyFlowFARTransformer3DModel,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    partition: tuple[int, ...],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Stage-1 forward flow-map loss on teacher-forced data chunks.
+
+    MeanFlow identity: u(z_t, t, r) = v - (t - r) du/dt along the trajectory. du/dt is a finite difference of the
+    model itself, moved by dt along v (no gradient through it, as in AnyFlow), so each step costs one extra forward
+    instead of a JVP, which has no efficient CPU path through attention.
+    """
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t, r = (s.to(device) for s in sample_times(x0.shape[0], partition, gen))
+    z = (1 - _b(t)) * x0 + _b(t) * noise
+    v = noise - x0
+    c = _compressed_frames(model, partition)
+    u = causal_velocity(model, z, x0, t, r, text, partition)
+    with torch.no_grad():
+        dt = torch.where(t + _FD_STEP <= 1, _FD_STEP, -_FD_STEP)
+        u_next = causal_velocity(model, z + _b(dt) * v, x0, t + dt, r, text, partition)
+        target = v[:, c:] - _b(t - r)[:, c:] * (u_next - u) / _b(dt)[:, c:]
+    return F.mse_loss(u, target)
+
+
+def flow_matching_loss(
+    model: AnyFlowFARTransformer3DModel,
+    x0: torch.Tensor,
+    clean: torch.Tensor,
+    text: torch.Tensor,
+    partition: tuple[int, ...],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Plain velocity regression (r = t) of the last chunk of `x0` given `clean` context: the fake score's loss."""
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = per_frame(shifted_sigmas(torch.rand(x0.shape[0], len(partition), generator=gen)), partition).to(device)
+    z = (1 - _b(t)) * x0 + _b(t) * noise
+    last = partition[-1]
+    u = causal_velocity(model, z, clean, t, t, text, partition)[:, -last:]
+    return F.mse_loss(u, (noise - x0)[:, -last:])
+
+
+def consistency_loss(
+    model: AnyFlowFARTransformer3DModel,
+    teacher: AnyFlowFARTransformer3DModel,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    partition: tuple[int, ...],
+    gen: torch.Generator,
+    grid: torch.Tensor,
+) -> torch.Tensor:
+    """Consistency distillation of the endpoint map f(z_t, t) = z_t - t u(z_t, t, 0), same architecture.
+
+    Adjacent times (t, t') of the teacher's sampling `grid`; z_t' is one teacher Euler step from z_t, and f at
+    (z_t', t') under stop-gradient is the target (iCT style, no EMA copy).
+    """
+    device = x0.device
+    batch, chunks = x0.shape[0], len(partition)
+    index = torch.randint(len(grid) - 1, (batch, chunks), generator=gen)
+    t, t_next = (per_frame(grid[i], partition).to(device) for i in (index, index + 1))
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    z = (1 - _b(t)) * x0 + _b(t) * noise
+    c = _compressed_frames(model, partition)
+    zero = torch.zeros_like(t)
+    with torch.no_grad():
+        v = causal_velocity(teacher, z, x0, t, t, text, partition)
+        z_next = z[:, c:] - _b(t - t_next)[:, c:] * v
+        moved = torch.cat([z[:, :c], z_next], dim=1)
+        target = z_next - _b(t_next)[:, c:] * causal_velocity(model, moved, x0, t_next, zero, text, partition)
+    estimate = z[:, c:] - _b(t)[:, c:] * causal_velocity(model, z, x0, t, zero, text, partition)
+    return F.mse_loss(estimate, target)

@@ -1,0 +1,96 @@
+"""The one training loop every stage runs: resumable, checkpointed, logged, with a progress bar.
+
+A stage is its models, its optimizers and a `step(i) -> losses` function. Batches and noise are pure functions of
+the step index (seeded by it), so a resumed run continues exactly where the interrupted one stopped, with no data
+loader or RNG state to save.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+StepFn = Callable[[int], dict[str, float]]
+
+
+def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float = 1.0) -> None:
+    """Backward, clip and step: clipping keeps the early, noisy steps of tiny models from blowing up."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
+def generator(step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by the step index: what makes every step reproducible after a resume."""
+    return torch.Generator(device).manual_seed(1_000_003 * salt + step)
+
+
+class Run:
+    """One stage's directory: `state.pt` (checkpoint), `log.jsonl` (losses), `final/` (its exported models)."""
+
+    def __init__(self, root: Path, stage: str) -> None:
+        self.dir = Path(root) / stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = self.dir / "state.pt"
+        self.final = self.dir / "final"
+
+    @property
+    def done(self) -> bool:
+        return self.final.is_dir()
+
+    def train(
+        self,
+        steps: int,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        step: StepFn,
+        checkpoint_every: int = 100,
+    ) -> dict[str, float]:
+        """Run `step` from the last checkpoint up to `steps`; returns the mean losses of the last 10% of steps."""
+        start = self._resume(modules, optimizers)
+        recent: list[dict[str, float]] = []
+        with open(self.dir / "log.jsonl", "a") as log, tqdm(
+            total=steps, initial=start, desc=self.dir.name, unit="step", dynamic_ncols=True
+        ) as bar:
+            began = time.perf_counter()
+            for i in range(start, steps):
+                for module in modules.values():
+                    module.train()
+                losses = step(i)
+                recent = (recent + [losses])[-max(1, steps // 10) :]
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+                log.write(json.dumps({"step": i, "seconds": round(time.perf_counter() - began, 2)} | losses) + "\n")
+                if (i + 1) % checkpoint_every == 0 or i + 1 == steps:
+                    log.flush()
+                    self._save(i + 1, modules, optimizers)
+        for module in modules.values():
+            module.eval()
+        return {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+
+    def _save(self, step: int, modules: dict, optimizers: dict) -> None:
+        state = {
+            "step": step,
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        }
+        torch.save(state, self.state.with_suffix(".tmp"))
+        self.state.with_suffix(".tmp").replace(self.state)  # atomic: a kill mid-save keeps the last checkpoint
+
+    def _resume(self, modules: dict, optimizers: dict) -> int:
+        if not self.state.is_file():
+            return 0
+        state = torch.load(self.state, map_location="cpu", weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        tqdm.write(f"{self.dir.name}: resuming at step {state['step']}")
+        return state["step"]
