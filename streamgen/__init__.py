@@ -1,7 +1,25 @@
-"""streamgen: endless, live autoregressive video with AnyFlow flow maps on diffusers' FAR model."""
+"""streamgen: endless, live autoregressive video with AnyFlow flow maps on diffusers' FAR model.
 
-from .config import StreamConfig
-from .engine import KVCache, SinkWindow, StreamingEngine, TextCondition
-from .pipeline import Session, StreamingPipeline
+Names are imported on first use: `streamgen.training.world` and the CLI start without loading torch/diffusers.
+"""
 
-__all__ = ["KVCache", "Session", "SinkWindow", "StreamConfig", "StreamingEngine", "StreamingPipeline", "TextCondition"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "StreamConfig": ".config",
+    "KVCache": ".engine",
+    "SinkWindow": ".engine",
+    "StreamingEngine": ".engine",
+    "TextCondition": ".engine",
+    "Session": ".pipeline",
+    "StreamingPipeline": ".pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'streamgen' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

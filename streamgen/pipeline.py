@@ -19,8 +19,10 @@ from diffusers import AnyFlowFARPipeline, AutoencoderKLWan, FlowMapEulerDiscrete
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from . import media
+from .budget import ChunkReport, StepController, Usage
 from .config import StreamConfig, check_steps
 from .engine import SinkWindow, StreamingEngine, TextCondition
+from .engine.batch import DenoiseRequest, denoise_batch
 from .models import load_transformer
 from .text import DEFAULT_MAX_SEQUENCE_LENGTH, PromptEncoder
 from .vae import StreamingDecoder, encode_video, to_uint8_frames
@@ -69,6 +71,7 @@ class StreamingPipeline:
         self.config = config or StreamConfig()
         self.engine = StreamingEngine(transformer, scheduler)
         self.prompts = PromptEncoder(tokenizer, text_encoder, max_sequence_length)
+        self.usage = Usage()  # device time over all sessions: what adaptive budgets see of each other
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -153,17 +156,36 @@ class StreamingPipeline:
         window: int | None = _MODEL_DEFAULT,
         sink: int | None = None,
         guidance_scale: float | None = None,
+        target_fps: float | None = None,
     ) -> "Session":
         """Open a stream. `image`/`video` (a path, bytes, or uint8 `(T, H, W, 3)` frames) become its clean past.
 
         Unset options take the model's stream config; `window=None` keeps every chunk (the reference's behaviour).
+        `target_fps` makes the step budget adaptive: each chunk gets the most steps that hold that rate, starting
+        from `steps` (`streamgen.budget`).
         """
         changes = {"steps": steps, "height": height, "width": width, "sink": sink, "guidance_scale": guidance_scale}
         changes = {k: v for k, v in changes.items() if v is not None}
         if window is not _MODEL_DEFAULT:
             changes["window"] = window
         config = self.config.replace(**changes)
-        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, image, video)
+        budget = StepController(target_fps, steps=config.steps) if target_fps is not None else None
+        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, image, video, budget)
+
+    def next_chunks(self, sessions: list["Session"], output_type: str = "np") -> list:
+        """The next chunk of each session, denoised in one batched transformer call per step (`engine.batch`),
+        then cached and decoded per session. Each gets what its own `next_chunk()` would have given it."""
+        if len(set(map(id, sessions))) != len(sessions):
+            raise ValueError("a session can contribute one chunk to a batch")
+        plans = [session._begin(None, None, output_type) for session in sessions]
+        start = time.perf_counter()
+        requests = [DenoiseRequest(s.cache, noise, s.text, steps) for s, (steps, noise) in zip(sessions, plans)]
+        latents = denoise_batch(self.engine, requests)
+        seconds = _lap(start, self.device)
+        return [
+            session._finish(z, steps, seconds, seconds / len(sessions), output_type)
+            for session, z, (steps, _) in zip(sessions, latents, plans)
+        ]
 
 
 class Session:
@@ -179,6 +201,7 @@ class Session:
         seed: int | None,
         image,
         video,
+        budget: StepController | None = None,
     ) -> None:
         if image is not None and video is not None:
             raise ValueError("give an image or a video to extend, not both")
@@ -196,6 +219,9 @@ class Session:
         self.chunk_index = 0
         self.frames_generated = 0
         self.timing = ChunkTiming()
+        self.budget = budget  # None: fixed steps (config.steps unless a chunk asks for others)
+        self.last_steps: int | None = None  # steps the latest chunk took
+        self._usage_seen = (pipe.usage.busy, pipe.usage.chunks)  # the device's usage after this session's last chunk
         self.closed = False
         self.context_frames: np.ndarray | None = None  # decoded reconstruction of an image/video given to extend
         if image is not None or video is not None:
@@ -205,37 +231,12 @@ class Session:
     def next_chunk(self, steps: int | None = None, noise: torch.Tensor | None = None, output_type: str = "np"):
         """Denoise, cache and decode the next chunk. Returns uint8 `(frames, H, W, 3)` ("np"), RGB in [-1, 1]
         `(1, 3, frames, H, W)` ("pt") or its latents `(1, F, C, h, w)` ("latent": not decoded, so a stream is
-        either all latents or all frames)."""
-        self._check_open()
-        if output_type not in ("np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        steps = check_steps(self.config.steps if steps is None else steps)
-        engine = self.pipe.engine
-        shape = (1, self.config.chunk_size(self.chunk_index), engine.config.in_channels, *self.latent_size)
-        if noise is None:
-            noise = torch.randn(shape, generator=self.generator)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise for chunk {self.chunk_index} must have shape {shape}, got {tuple(noise.shape)}")
-        noise = noise.to(engine.device, engine.dtype)
-
-        timing = ChunkTiming()
+        either all latents or all frames). `steps=None` takes the adaptive budget's choice, else the config's."""
+        steps, noise = self._begin(steps, noise, output_type)
         start = time.perf_counter()
-        latents = engine.denoise(self.cache, noise, self.text, steps)
-        timing.transformer = _lap(start, engine.device)
-        start = time.perf_counter()
-        engine.commit(self.cache, latents, self.text)
-        timing.cache = _lap(start, engine.device)
-        self.chunk_index += 1
-        if output_type == "latent":
-            self.timing = timing
-            return latents
-        start = time.perf_counter()
-        video = self.decoder.decode(latents.to(self.pipe.vae.dtype))
-        result = video if output_type == "pt" else to_uint8_frames(video.float())
-        timing.decode = _lap(start, engine.device)
-        self.timing = timing
-        self.frames_generated += video.shape[2]
-        return result
+        latents = self.pipe.engine.denoise(self.cache, noise, self.text, steps)
+        seconds = _lap(start, self.pipe.device)
+        return self._finish(latents, steps, seconds, seconds, output_type)
 
     def set_prompt(self, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None) -> None:
         """Later chunks follow the new prompt; the cached context is re-encoded under it so the change is smooth."""
@@ -268,6 +269,57 @@ class Session:
         self.close()
 
     # -- internals -----------------------------------------------------------------------------------------
+    def _begin(self, steps: int | None, noise: torch.Tensor | None, output_type: str) -> tuple[int, torch.Tensor]:
+        """The next chunk's step count and initial noise, on the model's device."""
+        self._check_open()
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        engine = self.pipe.engine
+        frames = self.config.chunk_size(self.chunk_index)
+        if steps is None:
+            steps = self.budget.choose(self._video_frames(frames)) if self.budget else self.config.steps
+        steps = check_steps(steps)
+        shape = (1, frames, engine.config.in_channels, *self.latent_size)
+        if noise is None:
+            noise = torch.randn(shape, generator=self.generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise for chunk {self.chunk_index} must have shape {shape}, got {tuple(noise.shape)}")
+        return steps, noise.to(engine.device, engine.dtype)
+
+    def _finish(self, latents: torch.Tensor, steps: int, denoise: float, device_share: float, output_type: str):
+        """Cache and decode a denoised chunk and account its time. `denoise`: seconds this session waited for its
+        steps; `device_share`: its part of the device's time, less when the steps ran batched with others."""
+        engine = self.pipe.engine
+        timing = ChunkTiming(transformer=denoise)
+        start = time.perf_counter()
+        engine.commit(self.cache, latents, self.text)
+        timing.cache = _lap(start, engine.device)
+        result = latents
+        if output_type != "latent":
+            start = time.perf_counter()
+            video = self.decoder.decode(latents.to(self.pipe.vae.dtype))
+            result = video if output_type == "pt" else to_uint8_frames(video.float())
+            timing.decode = _lap(start, engine.device)
+            self.frames_generated += video.shape[2]
+        self.timing, self.last_steps = timing, steps
+        self._account(steps, device_share, device_share + timing.cache + timing.decode)
+        self.chunk_index += 1
+        return result
+
+    def _account(self, steps: int, denoise: float, busy: float) -> None:
+        """Record this chunk's device time; tell the adaptive budget what the chunk and the other sessions cost."""
+        usage = self.pipe.usage
+        usage.record(busy)
+        (seen_busy, seen_chunks), self._usage_seen = self._usage_seen, (usage.busy, usage.chunks)
+        if self.budget is not None and self.chunk_index > 0:  # a stream's first chunk is shorter, has no deadline
+            others = usage.busy - seen_busy - busy
+            self.budget.observe(ChunkReport(steps, denoise, busy, others, usage.chunks - seen_chunks))
+
+    def _video_frames(self, latent_frames: int) -> int:
+        """Video frames that `latent_frames` decode to at this point of the stream (the first latent gives one)."""
+        scale = self.pipe.latent_scale[0]
+        return latent_frames * scale - (scale - 1 if self.chunk_index == 0 else 0)
+
     def _condition(self, prompt: str | None, prompt_embeds: torch.Tensor | None) -> TextCondition:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompt or prompt_embeds")

@@ -16,7 +16,9 @@ import json
 import logging
 import mimetypes
 import signal
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -149,6 +151,53 @@ def _response(status: int, body: bytes, content_type: str) -> Response:
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
+@dataclass
+class Background:
+    """A server running in a thread of this process."""
+
+    app: App
+    host: str
+    port: int
+    stop: Callable[[], None]  # callable from any thread: starts the graceful shutdown
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    @property
+    def websocket_url(self) -> str:
+        return f"ws://{self.host}:{self.port}{WEBSOCKET_PATH}"
+
+
+@contextlib.contextmanager
+def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int = 0, **options) -> Iterator[Background]:
+    """The server in a background thread with its own event loop, on a free port unless told otherwise: for tests,
+    benchmarks and notebooks. Leaving the block shuts it down gracefully and waits for it."""
+    listening = threading.Event()
+    server: dict = {}
+
+    async def run() -> None:
+        app, stop, loop = App(pipe, **options), asyncio.Event(), asyncio.get_running_loop()
+
+        def on_listening(bound: int) -> None:
+            server.update(app=app, port=bound, stop=lambda: loop.call_soon_threadsafe(stop.set))
+            listening.set()
+
+        await app.serve(host, port, stop, on_listening)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), name="streamgen-server", daemon=True)
+    thread.start()
+    while not listening.wait(0.1):
+        if not thread.is_alive():
+            raise RuntimeError(f"the server could not start on {host}:{port}")
+    background = Background(host=host, **server)
+    try:
+        yield background
+    finally:
+        background.stop()
+        thread.join()
+
+
 def main(args: argparse.Namespace) -> int:
     """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM."""
     from streamgen.cli import load_pipeline
@@ -163,8 +212,11 @@ def main(args: argparse.Namespace) -> int:
     def listening(port: int) -> None:
         query = f"?token={args.token}" if args.token else ""
         config = pipe.config
-        print(f"streamgen serving {config.width}x{config.height} at {config.fps} fps on "
-              f"http://{args.host}:{port}/{query} (websocket ws://{args.host}:{port}{WEBSOCKET_PATH})", flush=True)
+        print(
+            f"streamgen serving {config.width}x{config.height} at {config.fps} fps on "
+            f"http://{args.host}:{port}/{query} (websocket ws://{args.host}:{port}{WEBSOCKET_PATH})",
+            flush=True,
+        )
 
     async def run() -> None:
         stop = asyncio.Event()

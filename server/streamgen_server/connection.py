@@ -61,6 +61,7 @@ class Connection:
         self._upload: Start | None = None  # a start waiting for its binary upload
         self._stream: Stream | None = None
         self._sender: asyncio.Task[None] | None = None  # writes the stream's messages
+        self._writing = asyncio.Lock()  # a `segment` header and its bytes go out back to back
 
     async def open(self) -> None:
         """Greet the client with what it needs before a `start`: protocol version, stream format, limits."""
@@ -113,7 +114,9 @@ class Connection:
         match command:
             case Start():
                 if self._upload is not None or self._live() is not None:
-                    raise ProtocolError(ErrorCode.SESSION_EXISTS, "this connection already has a session; stop it first")
+                    raise ProtocolError(
+                        ErrorCode.SESSION_EXISTS, "this connection has a session already; stop it first"
+                    )
                 if command.upload_bytes:
                     self._upload = command
                 else:
@@ -136,7 +139,9 @@ class Connection:
         """The binary message after an i2v/v2v `start`: decoded here (off the loop), kept to the frames used."""
         start, self._upload = self._upload, None
         if start is None:
-            raise ProtocolError(ErrorCode.UNEXPECTED_BINARY, "binary data is only accepted right after an i2v/v2v start")
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_BINARY, "binary data is accepted only right after an i2v/v2v start"
+            )
         if len(data) != start.upload_bytes:
             raise ProtocolError(
                 ErrorCode.BAD_UPLOAD, f"announced {start.upload_bytes} bytes, received {len(data)}; start again"
@@ -170,36 +175,41 @@ class Connection:
     async def _emit(self, message: dict[str, Any]) -> None:
         if message["type"] == "error":
             self.metrics.error(message["code"])
-        await self._send(protocol.encode(message))
+        await self._write(protocol.encode(message))
+
+    async def _write(self, *messages: str | bytes) -> None:
+        async with self._writing:
+            for message in messages:
+                await self._send(message)
 
     async def _forward(self, stream: Stream) -> None:
-        async for message in stream.messages():
-            if isinstance(message, MediaChunk):
-                await self._send_media(message)
-            else:
-                await self._emit(message)
+        try:
+            async for message in stream.messages():
+                if isinstance(message, MediaChunk):
+                    await self._send_media(message)
+                else:
+                    await self._emit(message)
+        finally:
+            self.scheduler.close(stream, "error")  # a no-op after `stopped`; frees the slot if sending failed
 
     async def _send_media(self, chunk: MediaChunk) -> None:
         """Each binary message is announced by a `segment` message; a generated chunk is followed by its stats."""
         start = time.perf_counter()
         segments = chunk.segments
         if segments[0].init:
-            await self._emit(event("segment", kind="init", bytes=len(segments[0])))
-            await self._send(bytes(segments[0]))
+            await self._write(protocol.encode(event("segment", kind="init", bytes=len(segments[0]))), segments[0])
             segments = segments[1:]
         data = b"".join(segments)
-        await self._emit(
-            event(
-                "segment",
-                kind="context" if chunk.index is None else "chunk",
-                chunk=chunk.index,
-                first_frame=chunk.first_frame,
-                frames=chunk.frames,
-                keyframe=segments[0].keyframe,
-                bytes=len(data),
-            )
+        header = event(
+            "segment",
+            kind="context" if chunk.index is None else "chunk",
+            chunk=chunk.index,
+            first_frame=chunk.first_frame,
+            frames=chunk.frames,
+            keyframe=segments[0].keyframe,
+            bytes=len(data),
         )
-        await self._send(data)
+        await self._write(protocol.encode(header), data)
         timing = chunk.timing
         stages = {
             "transformer": timing.transformer,

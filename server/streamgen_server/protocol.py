@@ -15,7 +15,7 @@ from streamgen.config import check_steps
 
 PROTOCOL_VERSION = 1
 MODES = ("t2v", "i2v", "v2v")  # text, image or video to video; i2v and v2v are followed by one binary upload
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
 
 
 class ErrorCode(StrEnum):
@@ -127,7 +127,7 @@ def parse(text: str, limits: Limits) -> Command:
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message needs a string field 'type'")
     if kind not in _FIELDS:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; expected one of {list(_FIELDS)}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; known: {list(_FIELDS)}")
     allowed, required = _FIELDS[kind]
     unknown = sorted(data.keys() - allowed)
     if unknown:
@@ -166,6 +166,10 @@ def _start(data: dict[str, Any], limits: Limits) -> Start:
     if mode == "t2v":
         if upload:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: t2v takes no upload")
+    elif "upload_bytes" not in data:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"start: {mode} needs upload_bytes, the size of the upload to follow"
+        )
     else:
         if isinstance(upload, int) and upload > limits.max_upload_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"start: uploads are limited to {limits.max_upload_bytes} bytes")
@@ -210,7 +214,7 @@ def _integer(value: Any, name: str, low: int, high: int) -> int:
 
 
 # -- server -> client -----------------------------------------------------------------------------------------
-def event(kind: str, **fields: Any) -> dict[str, Any]:
+def event(kind: str, /, **fields: Any) -> dict[str, Any]:
     """One server message; serialized with `encode` when it is sent."""
     return {"type": kind, **fields}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ import numpy as np
 from streamgen.media import FragmentedMp4Encoder, MediaError, Segment
 from streamgen.pipeline import ChunkTiming, Session, StreamingPipeline
 
-from .protocol import ErrorCode, Limits, ProtocolError, Start, error, event
+from .protocol import MAX_SEED, ErrorCode, Limits, ProtocolError, Start, error, event
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ class Stream:
         """Start the library session and the encoder; an uploaded image or clip, reconstructed, is the first media."""
         request, context, self.context = self.request, self.context, None
         source = {"i2v": "image", "v2v": "video"}.get(request.mode)
+        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed  # one every client can replay
         self.session = pipe.start_session(
-            request.prompt, seed=request.seed, steps=request.steps, **({source: context} if source else {})
+            request.prompt, seed=seed, steps=request.steps, **({source: context} if source else {})
         )
         config = self.session.config
         self.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
@@ -192,8 +194,8 @@ class Scheduler:
 
     @property
     def nbytes(self) -> int:
-        """Model memory held by live sessions."""
-        return sum(stream.nbytes for stream in self._active)
+        """Model memory held by sessions: live ones, and one whose client left during its running chunk."""
+        return sum(stream.nbytes for stream in {*self._active, self._busy} - {None})
 
     def open(self, request: Start, context: np.ndarray | None) -> Stream:
         """A new stream: given a slot now, or queued, or refused when the queue is full too."""

@@ -67,6 +67,14 @@ class FlowStep:
     sigma_t: torch.Tensor
     sigma_r: torch.Tensor
 
+    def to(self, device: torch.device) -> "FlowStep":
+        return FlowStep(*(x.to(device) for x in (self.t, self.r, self.sigma_t, self.sigma_r)))
+
+    def jump(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """`z_r = z_t - (sigma_t - sigma_r) * u`, in the velocity's dtype."""
+        view = (1,) * u.ndim
+        return (z - (self.sigma_t.view(view) - self.sigma_r.view(view)) * u).to(u.dtype)
+
 
 def flow_schedule(scheduler: FlowMapEulerDiscreteScheduler, steps: int) -> list[FlowStep]:
     """The (t, r) pairs of an `steps`-step budget, with the scheduler's shift; `t == r` jumps are skipped."""
@@ -79,6 +87,9 @@ def flow_schedule(scheduler: FlowMapEulerDiscreteScheduler, steps: int) -> list[
         if t != r:
             plan.append(FlowStep(t, r, scheduler.sigmas[i], scheduler.sigmas[i + 1]))
     return plan
+
+
+_FREQS_CACHE_SIZE = 64  # entries; a sink+window stream uses about a dozen
 
 
 @dataclass
@@ -104,7 +115,9 @@ class StreamingEngine:
         self.scheduler = scheduler
         self.config = transformer.config
         self.model_calls = 0  # transformer forwards so far: denoising steps plus cache updates
-        self._schedules: dict[int, list[FlowStep]] = {}
+        # Device-resident per-call constants, so that a chunk's steps copy nothing from the host.
+        self._schedules: dict[tuple[int, torch.device], list[FlowStep]] = {}
+        self._freqs: dict[tuple, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -122,28 +135,46 @@ class StreamingEngine:
         return KVCache(policy, self.config.full_chunk_limit - 1, (h, w), max_chunk_frames)
 
     def schedule(self, steps: int) -> list[FlowStep]:
-        if steps not in self._schedules:
-            self._schedules[steps] = flow_schedule(self.scheduler, steps)
-        return self._schedules[steps]
+        key = (steps, self.device)
+        if key not in self._schedules:
+            self._schedules[key] = [step.to(self.device) for step in flow_schedule(self.scheduler, steps)]
+        return self._schedules[key]
+
+    def rope(self, cache: KVCache, start: int, frames: int, compressed: bool) -> torch.Tensor:
+        """RoPE frequencies of frames `start .. start + frames - 1`, cached on the device: once a stream's window is
+        full, every chunk asks for the same few."""
+        grid = self._grid(cache, compressed)
+        key = (start, frames, compressed, grid, self.device)
+        if key not in self._freqs:
+            if len(self._freqs) >= _FREQS_CACHE_SIZE:  # unbounded windows keep asking for new positions
+                self._freqs.clear()
+            positions = torch.arange(start, start + frames)
+            self._freqs[key] = rope_frequencies(self.transformer.rope, positions, grid, compressed, self.device)
+        return self._freqs[key]
+
+    def compile(self, **options) -> None:
+        """`torch.compile` each transformer block. The blocks share their code, so one compilation serves all of
+        them; shapes are dynamic because the context grows until the window is full (and then stays constant)."""
+        for block in self.transformer.blocks:
+            block.compile(**{"dynamic": True} | options)
 
     @torch.no_grad()
     def denoise(self, cache: KVCache, noise: torch.Tensor, text: TextCondition, steps: int) -> torch.Tensor:
         """Denoise one chunk from its initial `noise` `(B, F, C, h, w)` in `steps` flow-map jumps."""
         self._check_latents(cache, noise, text)
-        plan = self.schedule(steps)
-        start = cache.context_frames
-        positions = torch.arange(start, start + noise.shape[1])
-        freqs = rope_frequencies(self.transformer.rope, positions, self._grid(cache, False), False, self.device)
-        layers = cache.layers or self._assemble(cache, [], text)
+        freqs = self.rope(cache, cache.context_frames, noise.shape[1], False)
+        layers = self.context(cache, text)
         z = noise
-        for step in plan:
+        for step in self.schedule(steps):
             x = text.batch(z)
             t = step.t.expand(x.shape[0], x.shape[1])
             r = step.r.expand(x.shape[0], x.shape[1])
-            u = text.combine(self._forward(layers, [_Piece(x, False)], t, r, text, freqs, None, False))
-            view = (1,) * u.ndim
-            z = (z - (step.sigma_t.view(view) - step.sigma_r.view(view)) * u).to(u.dtype)
+            z = step.jump(z, text.combine(self._forward(layers, [_Piece(x, False)], t, r, text, freqs, None, False)))
         return z
+
+    def context(self, cache: KVCache, text: TextCondition) -> list[LayerContext]:
+        """What a chunk's tokens attend to besides themselves, per layer (empty before the first commit)."""
+        return cache.layers or self._assemble(cache, [], text)
 
     @torch.no_grad()
     def commit(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
@@ -177,13 +208,8 @@ class StreamingEngine:
         start = sum(c.frames for c in context)
         freqs, sizes, chunk_ids = [], [], []
         for index, (chunk, piece) in enumerate(zip(chunks, pieces)):
-            positions = torch.arange(start, start + chunk.frames)
+            freqs.append(self.rope(cache, start, chunk.frames, piece.compressed))
             start += chunk.frames
-            freqs.append(
-                rope_frequencies(
-                    self.transformer.rope, positions, self._grid(cache, piece.compressed), piece.compressed, self.device
-                )
-            )
             sizes.append(freqs[-1].shape[2])
             chunk_ids.append(torch.full((sizes[-1],), index, device=self.device))
         ids = torch.cat(chunk_ids)
@@ -192,7 +218,7 @@ class StreamingEngine:
         mask = torch.cat([visible, ids[:, None] >= ids[None, :]], dim=1)
 
         frames = sum(c.frames for c in chunks)
-        zeros = torch.zeros(pieces[0].latents.shape[0], frames, dtype=torch.float64)
+        zeros = torch.zeros(pieces[0].latents.shape[0], frames, dtype=torch.float64, device=self.device)
         self._forward(layers, pieces, zeros, zeros, text, torch.cat(freqs, dim=2), mask, True)
         for chunk in chunks:
             chunk.keys, chunk.values = [], []
@@ -211,12 +237,8 @@ class StreamingEngine:
         values = [[empty] for _ in self.transformer.blocks]
         start = 0
         for chunk in chunks:
-            compressed = chunk in cache.compressed
-            positions = torch.arange(start, start + chunk.frames)
+            freqs = self.rope(cache, start, chunk.frames, chunk in cache.compressed)
             start += chunk.frames
-            freqs = rope_frequencies(
-                self.transformer.rope, positions, self._grid(cache, compressed), compressed, self.device
-            )
             for layer in range(len(self.transformer.blocks)):
                 keys[layer].append(apply_rotary_emb(chunk.keys[layer], freqs))
                 values[layer].append(chunk.values[layer])

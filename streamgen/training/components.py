@@ -99,7 +99,8 @@ def causal_teacher(teacher: WanTransformer3DModel) -> torch.nn.Module:
     With gate 0 the model ignores r, so a flow-map "jump" t -> r through it is exactly an Euler step of the
     teacher's ODE: the streaming engine then samples the teacher, and training reads its velocity in one call.
     """
-    far = far_from_wan(teacher)
+    far = far_from_wan(teacher).to(teacher.device)
+    far.register_to_config(gate_value=0.0)  # so a saved copy (the consistency baseline) reloads r-blind too
     far.condition_embedder.delta_emb_gate.zero_()
     return far.requires_grad_(False).eval()
 

@@ -18,6 +18,8 @@ from ..vae import encode_video
 from .world import VideoWorld
 
 CHUNKS = (1, 3, 3, 3, 3)  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
+# World seeds apart from the training steps' (seed = step index), so statistics and the latent set are held apart.
+STATS_SEED, LATENT_SEED = 10**8, 10**8 + 1
 
 
 def pixel_clips(world: VideoWorld, seed: int, batch: int, frames: int) -> tuple[torch.Tensor, list[str]]:
@@ -31,7 +33,7 @@ def pixel_clips(world: VideoWorld, seed: int, batch: int, frames: int) -> tuple[
 def set_latent_stats(vae: AutoencoderKLWan, world: VideoWorld, clips: int = 32, frames: int = 17) -> None:
     """Write per-channel `latents_mean`/`latents_std` of the posterior mean into the VAE's config, so normalised
     latents are about unit variance: the flow-matching noise scale every later stage assumes."""
-    x, _ = pixel_clips(world, seed=-1, batch=clips, frames=frames)
+    x, _ = pixel_clips(world, seed=STATS_SEED, batch=clips, frames=frames)
     mu = vae.encode(x.to(vae.device)).latent_dist.mean
     mean = mu.mean(dim=(0, 2, 3, 4))
     std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
@@ -58,7 +60,7 @@ class LatentSet:
                 return cls(saved["latents"][:clips, :frames], saved["captions"][:clips])
         latents, captions = [], []
         for i in tqdm(range(clips), desc="encoding clips", unit="clip"):
-            video, caption = world.clip((-2, i), 1 + 4 * (frames - 1))
+            video, caption = world.clip((LATENT_SEED, i), 1 + 4 * (frames - 1))
             latents.append(encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0])
             captions.append(caption)
         saved = {"latents": torch.stack(latents), "captions": captions}

@@ -52,8 +52,10 @@ class Run:
         optimizers: dict[str, torch.optim.Optimizer],
         step: StepFn,
         checkpoint_every: int = 100,
+        minutes: float | None = None,
     ) -> dict[str, float]:
-        """Run `step` from the last checkpoint up to `steps`; returns the mean losses of the last 10% of steps."""
+        """Run `step` from the last checkpoint up to `steps`, or until `minutes` of wall time have passed (a
+        time-boxed stage on a machine of unknown speed); returns the mean losses of the last 10% of steps run."""
         start = self._resume(modules, optimizers)
         recent: list[dict[str, float]] = []
         with open(self.dir / "log.jsonl", "a") as log, tqdm(
@@ -61,6 +63,10 @@ class Run:
         ) as bar:
             began = time.perf_counter()
             for i in range(start, steps):
+                if minutes is not None and time.perf_counter() - began > 60 * minutes:
+                    self._save(i, modules, optimizers)
+                    tqdm.write(f"{self.dir.name}: time box of {minutes} min reached at step {i}")
+                    break
                 for module in modules.values():
                     module.train()
                 losses = step(i)

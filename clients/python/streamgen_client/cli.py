@@ -22,8 +22,10 @@ def _show(message: dict[str, Any]) -> None:
     elif kind == "queued":
         print(f"queued: position {message['position']}")
     elif kind == "started":
-        print(f"started {message['mode']}: {message['width']}x{message['height']} at {message['fps']} fps, "
-              f"{message['codec']}, seed {message['seed']}, {message['context_frames']} context frames")
+        print(
+            f"started {message['mode']}: {message['width']}x{message['height']} at {message['fps']} fps, "
+            f"{message['codec']}, seed {message['seed']}, {message['context_frames']} context frames"
+        )
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -48,8 +50,10 @@ async def _run(args: argparse.Namespace) -> int:
             realtime=args.realtime,
             **upload,
         )
-    print(f"wrote {args.output}: {recording.frames} frames, {len(recording.chunks)} chunks "
-          f"in {time.perf_counter() - began:.1f} s")
+    print(
+        f"wrote {args.output}: {recording.frames} frames, {len(recording.chunks)} chunks "
+        f"in {time.perf_counter() - began:.1f} s"
+    )
     return 0
 
 
@@ -65,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--video", help="extend this video (v2v)")
     parser.add_argument("--token", help="the server's token, if it requires one")
     parser.add_argument(
-        "--prompt-at", nargs=2, action="append", default=[], metavar=("CHUNK", "PROMPT"),
+        "--prompt-at",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("CHUNK", "PROMPT"),
         help="switch to PROMPT once chunk CHUNK arrives (repeatable)",
     )
     parser.add_argument(
-        "--steps-at", nargs=2, type=int, action="append", default=[], metavar=("CHUNK", "STEPS"),
+        "--steps-at",
+        nargs=2,
+        type=int,
+        action="append",
+        default=[],
+        metavar=("CHUNK", "STEPS"),
         help="switch to STEPS per chunk once chunk CHUNK arrives (repeatable)",
     )
     parser.add_argument("--realtime", action="store_true", help="paced like a live viewer (default: flat out)")

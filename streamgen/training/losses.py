@@ -14,41 +14,29 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from diffusers import AnyFlowFARTransformer3DModel
+from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
 from ..engine import attention
 from .components import shifted_sigmas
+from .data import CHUNKS
 
 _SCALE = 1000.0  # the scheduler's num_train_timesteps
-_FD_STEP = 5e-3  # finite-difference step in sigma for d u / d t
+_FD_STEP = 2e-2  # finite-difference step in sigma for d u / d t (smaller ones amplify the time embedding's noise)
+_ADAPTIVE_EPS = 1e-3
 
 
 @lru_cache(maxsize=64)
-def _dense_mask(mask_mod, length: int) -> torch.Tensor:
-    index = torch.arange(length)
-    return mask_mod(0, 0, index[:, None], index[None, :])
-
-
 def far_mask(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...], h: int, w: int) -> torch.Tensor:
     """diffusers' FAR training mask (with clean context) as a dense `(L, L)` bool, cropped to the real tokens."""
-    block = _block_mask(model.config.patch_size, model.config.compressed_patch_size, model.config.full_chunk_limit,
-                        partition, h, w)
-    compressed = _compressed_frames(model, partition)
-    full = sum(partition) - compressed
-    cfg = model.config
-    length = compressed * (h // cfg.compressed_patch_size[1]) * (w // cfg.compressed_patch_size[2])
-    length += 2 * full * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    return _dense_mask(block.mask_mod, length).to(model.device)
-
-
-@lru_cache(maxsize=64)
-def _block_mask(patch, compressed_patch, full_chunk_limit, partition, h, w):
-    from diffusers.models.transformers.transformer_anyflow_far import _build_anyflow_far_causal_block_mask
-
-    return _build_anyflow_far_causal_block_mask(
-        list(partition), h, w, tuple(patch), tuple(compressed_patch), full_chunk_limit, mode="train",
-        has_clean_context=True,
+    block = model.build_attention_mask(
+        chunk_partition=list(partition), height=h, width=w, has_clean_context=True, device=torch.device("cpu")
     )
+    cfg = model.config
+    compressed = _compressed_frames(model, partition)
+    length = compressed * (h // cfg.compressed_patch_size[1]) * (w // cfg.compressed_patch_size[2])
+    length += 2 * (sum(partition) - compressed) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    index = torch.arange(length)
+    return block.mask_mod(0, 0, index[:, None], index[None, :]).to(model.device)
 
 
 def _compressed_frames(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...]) -> int:
@@ -91,6 +79,32 @@ def causal_velocity(
     ).sample
 
 
+def teacher_loss(
+    teacher: WanTransformer3DModel, x0: torch.Tensor, text: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """Rectified-flow loss of the bidirectional teacher on a stream prefix whose first chunks may be clean.
+
+    Wan's T2V teacher only ever sees whole noisy clips. Ours also sees clips cut at a chunk end with a clean prefix
+    (per-token timesteps 0, Wan 2.2's mechanism), so that it can continue a stream chunk by chunk: it is then the
+    reference the causal student is measured against, and the score stage 2 distils.
+    """
+    device = x0.device
+    ends = torch.tensor(CHUNKS).cumsum(0)
+    end = int(ends[torch.randint(len(ends), (1,), generator=gen)])
+    starts = [0, *[int(e) for e in ends if e < end]]
+    context = starts[int(torch.randint(len(starts), (1,), generator=gen))] if torch.rand(1, generator=gen) < 0.5 else 0
+    x = x0[:, :end]
+    noise = torch.randn(x.shape, generator=gen).to(device)
+    sigma = shifted_sigmas(torch.rand(x.shape[0], 1, generator=gen)).to(device)
+    t = torch.cat([torch.zeros(x.shape[0], context, device=device), sigma.expand(-1, end - context)], dim=1)
+    z = (1 - _b(t)) * x + _b(t) * noise
+    cfg = teacher.config
+    tokens = (x.shape[-2] // cfg.patch_size[1]) * (x.shape[-1] // cfg.patch_size[2])
+    timestep = (t * _SCALE).repeat_interleave(tokens, dim=1)
+    v = teacher(z.permute(0, 2, 1, 3, 4), timestep, text).sample.permute(0, 2, 1, 3, 4)
+    return F.mse_loss(v[:, context:], (noise - x)[:, context:])
+
+
 def per_frame(values: torch.Tensor, partition: tuple[int, ...]) -> torch.Tensor:
     """`(B, chunks)` -> `(B, frames)`: one value per chunk, repeated over its frames."""
     return values.repeat_interleave(torch.tensor(partition, device=values.device), dim=1)
@@ -116,8 +130,9 @@ def flowmap_loss(
     text: torch.Tensor,
     partition: tuple[int, ...],
     gen: torch.Generator,
-) -> torch.Tensor:
-    """Stage-1 forward flow-map loss on teacher-forced data chunks.
+) -> tuple[torch.Tensor, float]:
+    """Stage-1 forward flow-map loss on teacher-forced data chunks, and its plain MSE (to watch: the weighted
+    loss is about 1 by construction).
 
     MeanFlow identity: u(z_t, t, r) = v - (t - r) du/dt along the trajectory. du/dt is a finite difference of the
     model itself, moved by dt along v (no gradient through it, as in AnyFlow), so each step costs one extra forward
@@ -134,7 +149,17 @@ def flowmap_loss(
         dt = torch.where(t + _FD_STEP <= 1, _FD_STEP, -_FD_STEP)
         u_next = causal_velocity(model, z + _b(dt) * v, x0, t + dt, r, text, partition)
         target = v[:, c:] - _b(t - r)[:, c:] * (u_next - u) / _b(dt)[:, c:]
-    return F.mse_loss(u, target)
+    return adaptive_mse(u, target), F.mse_loss(u, target).item()
+
+
+def adaptive_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MeanFlow's adaptive weighting (p = 1): each sample's squared error divided by its own (detached) value.
+
+    The finite-difference target feeds the model's own output back into its target; plain MSE lets one bad sample
+    grow it without bound (the toy student diverged within 200 steps), the normalised loss cannot.
+    """
+    error = (prediction - target).square().flatten(1).mean(1)
+    return (error / (error.detach() + _ADAPTIVE_EPS)).mean()
 
 
 def flow_matching_loss(

@@ -1,0 +1,227 @@
+// streamgen live player: protocol v1 (docs/protocol.md) over a websocket, fragmented MP4 into Media Source
+// Extensions. URL parameters: prompt, steps, seed, token, autoplay=1 (starts the stream by itself, muted).
+"use strict";
+
+const STAGES = { transformer: "#6ea8ff", cache: "#a98bff", decode: "#4cc38a", encode: "#f0b44c", send: "#f06a6a" };
+const KEEP_BEHIND_S = 20; // played video kept in the source buffer; older is removed
+const MAX_LAG_S = 3; // further behind the live edge than this (a hidden tab), playback jumps forward
+const FPS_WINDOW_S = 3; // received fps is averaged over this many seconds
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const ui = {
+  status: $("status"), video: $("video"), overlay: $("overlay"), info: $("info"),
+  prompt: $("prompt"), steps: $("steps"), stepsValue: $("steps-value"), file: $("file"),
+  start: $("start"), pause: $("pause"), stop: $("stop"),
+  fps: $("stat-fps"), gen: $("stat-gen"), played: $("stat-played"), ahead: $("stat-ahead"),
+  latencyTotal: $("latency-total"), latencyBar: $("latency-bar"), legend: $("latency-legend"), message: $("message"),
+};
+
+// One connection and at most one session; exposed for tests and the console.
+const player = {
+  ws: null, state: "connecting", ready: null, header: null,
+  media: null, buffer: null, pending: [], received: [], chunks: 0, last: null, autoplay: params.get("autoplay") === "1",
+};
+window.streamgen = player;
+
+// -- connection ---------------------------------------------------------------------------------------------
+function connect() {
+  const url = new URL("/ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (params.has("token")) url.searchParams.set("token", params.get("token"));
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onMedia(e.data));
+  ws.onclose = () => {
+    setState("disconnected");
+    setTimeout(connect, 2000);
+  };
+  player.ws = ws;
+}
+
+function send(message) {
+  if (player.ws?.readyState === WebSocket.OPEN) player.ws.send(JSON.stringify(message));
+}
+
+function onEvent(msg) {
+  switch (msg.type) {
+    case "ready":
+      player.ready = msg;
+      ui.steps.max = Math.min(msg.max_steps, 16);
+      ui.steps.value = params.get("steps") ?? msg.steps;
+      ui.stepsValue.textContent = ui.steps.value;
+      setState("idle");
+      if (player.autoplay && ui.prompt.value.trim()) {
+        player.autoplay = false;
+        start();
+      }
+      break;
+    case "queued":
+      setState("queued", `queued #${msg.position}`);
+      break;
+    case "started":
+      openMedia(msg.codec);
+      ui.overlay.hidden = true;
+      ui.info.textContent = [msg.mode, `${msg.width}×${msg.height}`, `${msg.fps} fps`, msg.codec, `seed ${msg.seed}`]
+        .join(" · ");
+      setState("live");
+      break;
+    case "segment":
+      player.header = msg; // the binary message that follows is its data
+      break;
+    case "chunk":
+      player.chunks += 1;
+      player.last = msg;
+      showChunk(msg);
+      break;
+    case "paused":
+    case "resumed":
+      setState(msg.type === "paused" ? "paused" : "live");
+      break;
+    case "error":
+      showMessage(`${msg.code}: ${msg.message}`);
+      if (player.state === "starting") setState("idle"); // the start was refused
+      break;
+    case "stopped":
+      setState("idle", msg.reason === "client" ? "stopped" : `stopped (${msg.reason})`);
+      break;
+  }
+}
+
+function onMedia(data) {
+  const header = player.header;
+  player.header = null;
+  if (!header) return;
+  if (header.kind !== "init") player.received.push([performance.now(), header.frames]);
+  player.pending.push(data);
+  pump();
+}
+
+// -- commands -----------------------------------------------------------------------------------------------
+async function start() {
+  const prompt = ui.prompt.value.trim();
+  if (!prompt) return showMessage("Write a prompt first.");
+  const message = { type: "start", prompt, steps: Number(ui.steps.value), realtime: true };
+  if (params.has("seed")) message.seed = Number(params.get("seed"));
+  const file = ui.file.files[0];
+  let upload = null;
+  if (file) {
+    if (file.size > player.ready.limits.max_upload_bytes) return showMessage("That file is too large to upload.");
+    message.mode = file.type.startsWith("image/") ? "i2v" : "v2v";
+    upload = await file.arrayBuffer();
+    message.upload_bytes = upload.byteLength;
+  }
+  hideMessage();
+  send(message);
+  if (upload) player.ws.send(upload);
+  setState("starting");
+}
+
+ui.start.onclick = start;
+ui.stop.onclick = () => send({ type: "stop" });
+ui.pause.onclick = () => send({ type: player.state === "paused" ? "resume" : "pause" });
+ui.steps.oninput = () => (ui.stepsValue.textContent = ui.steps.value);
+ui.steps.onchange = () => inSession() && send({ type: "steps", steps: Number(ui.steps.value) });
+ui.prompt.onkeydown = (e) => {
+  if (e.key !== "Enter" || e.shiftKey) return;
+  e.preventDefault();
+  const prompt = ui.prompt.value.trim();
+  if (inSession() && prompt) send({ type: "prompt", prompt });
+  else if (player.state === "idle") start();
+};
+
+// -- media ----------------------------------------------------------------------------------------------------
+function openMedia(codec) {
+  const mime = `video/mp4; codecs="${codec}"`;
+  if (!window.MediaSource || !MediaSource.isTypeSupported(mime)) {
+    return showMessage(`This browser cannot play ${mime}.`);
+  }
+  const media = new MediaSource();
+  Object.assign(player, { media, buffer: null, pending: [], received: [], chunks: 0 });
+  ui.video.src = URL.createObjectURL(media);
+  media.addEventListener("sourceopen", () => {
+    URL.revokeObjectURL(ui.video.src);
+    const buffer = media.addSourceBuffer(mime);
+    buffer.mode = "segments"; // fragments carry their own timestamps
+    buffer.addEventListener("updateend", pump);
+    player.buffer = buffer;
+    pump();
+  }, { once: true });
+}
+
+// Appends one queued fragment at a time (a SourceBuffer takes one operation at a time), trims played video.
+function pump() {
+  const { buffer, media } = player;
+  if (!buffer || buffer.updating || media.readyState !== "open") return;
+  const video = ui.video;
+  if (buffer.buffered.length && video.currentTime - buffer.buffered.start(0) > 2 * KEEP_BEHIND_S) {
+    buffer.remove(0, video.currentTime - KEEP_BEHIND_S); // its updateend pumps again
+    return;
+  }
+  const data = player.pending.shift();
+  if (data) buffer.appendBuffer(data);
+  if (!buffer.buffered.length) return;
+  const end = buffer.buffered.end(buffer.buffered.length - 1);
+  if (end - video.currentTime > MAX_LAG_S) video.currentTime = end - 0.5;
+  if (video.paused) video.play().catch(() => {});
+}
+
+// -- readouts -------------------------------------------------------------------------------------------------
+function showChunk(msg) {
+  const latency = msg.latency_ms;
+  ui.latencyTotal.textContent = `${latency.total.toFixed(0)} ms · ${msg.steps} step${msg.steps > 1 ? "s" : ""}`;
+  ui.latencyBar.replaceChildren(...Object.entries(STAGES).map(([stage, color]) => {
+    const part = document.createElement("span");
+    part.style.cssText = `width:${(100 * latency[stage]) / latency.total}%;background:${color}`;
+    part.title = stage;
+    return part;
+  }));
+  ui.legend.replaceChildren(...Object.entries(STAGES).map(([stage, color]) => {
+    const item = document.createElement("li");
+    item.innerHTML = `<i style="background:${color}"></i>${stage}<b>${latency[stage].toFixed(1)} ms</b>`;
+    return item;
+  }));
+  const busy = latency.transformer + latency.cache + latency.decode + latency.encode;
+  ui.gen.textContent = busy > 0 ? ((1000 * msg.frames) / busy).toFixed(1) : "–";
+}
+
+setInterval(() => {
+  const now = performance.now();
+  player.received = player.received.filter(([time]) => now - time < FPS_WINDOW_S * 1000);
+  const frames = player.received.reduce((sum, [, count]) => sum + count, 0);
+  ui.fps.textContent = player.state === "live" ? (frames / FPS_WINDOW_S).toFixed(1) : "–";
+  const video = ui.video;
+  ui.played.textContent = video.getVideoPlaybackQuality?.().totalVideoFrames ?? "–";
+  const buffered = video.buffered;
+  const ahead = buffered.length ? buffered.end(buffered.length - 1) - video.currentTime : null;
+  ui.ahead.textContent = ahead === null ? "–" : Math.max(0, ahead).toFixed(1);
+}, 500);
+
+// -- state ----------------------------------------------------------------------------------------------------
+function inSession() {
+  return ["starting", "queued", "live", "paused"].includes(player.state);
+}
+
+function setState(state, label = state) {
+  player.state = state;
+  ui.status.dataset.state = state;
+  ui.status.textContent = label;
+  const connected = !["connecting", "disconnected"].includes(state);
+  ui.start.disabled = !connected || inSession();
+  ui.stop.disabled = !inSession();
+  ui.pause.disabled = !["live", "paused"].includes(state);
+  ui.pause.textContent = state === "paused" ? "Resume" : "Pause";
+}
+
+function showMessage(text) {
+  ui.message.textContent = text;
+  ui.message.hidden = false;
+}
+
+function hideMessage() {
+  ui.message.hidden = true;
+}
+
+ui.prompt.value = params.get("prompt") ?? "";
+ui.video.muted = true; // muted video may autoplay
+connect();

@@ -1,0 +1,70 @@
+"""`streamgen train <stage> [--steps N] [--out DIR]`: run, or resume, one stage of the recipe or all of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..pipeline import DEFAULT_MODEL
+from . import stages
+from .stages import Recipe
+
+# Steps of the CPU recipe (about an hour on two shared cores, see docs/training.md).
+DEFAULT_STEPS = {"vae": 600, "teacher": 1500, "student": 800, "distill": 100, "consistency": 800}
+TRAINERS = {
+    "vae": stages.train_vae,
+    "teacher": stages.train_teacher,
+    "student": stages.train_student,
+    "distill": stages.train_distill,
+    "consistency": stages.train_consistency,
+}
+# `all` exports right after stage 1, so a usable default model exists long before stage 2 ends.
+ALL = ("vae", "teacher", "student", "export", "distill", "export", "consistency")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="streamgen train", description=__doc__)
+    parser.add_argument("stage", choices=[*TRAINERS, "export", "all"])
+    parser.add_argument("--steps", type=int, help="steps of this stage (default: the CPU recipe's; not with 'all')")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every default step count (for 'all')")
+    parser.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (checkpoints, logs)")
+    parser.add_argument("--export-to", type=Path, default=DEFAULT_MODEL, help="where 'export' writes the model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clips", type=int, default=512, help="clips in the latent training set")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--minutes", type=float, help="time box per training stage (wall clock)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads: on a shared machine one thread per process beats contended thread pools by far",
+    )
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.stage == "all":
+        parser.error("--steps applies to one stage; use --scale with 'all'")
+    torch.set_num_threads(args.threads)
+    recipe = Recipe(
+        root=args.out, device=torch.device(args.device), batch=args.batch, clips=args.clips,
+        export_to=args.export_to, minutes=args.minutes
+    )
+    for stage in ALL if args.stage == "all" else (args.stage,):
+        run_stage(recipe, stage, args.steps or round(DEFAULT_STEPS.get(stage, 0) * args.scale))
+    return 0
+
+
+def run_stage(recipe: Recipe, stage: str, steps: int) -> None:
+    """Run one stage (skipped when already finished) and append its wall time and final losses to `summary.jsonl`."""
+    began = time.perf_counter()
+    if stage == "export":
+        result = {"exported": str(stages.export(recipe))}
+    elif recipe.run(stage).done:
+        print(f"{stage}: already finished ({recipe.run(stage).final}); delete it to retrain")
+        return
+    else:
+        result = TRAINERS[stage](recipe, steps)
+    record = {"stage": stage, "steps": steps, "seconds": round(time.perf_counter() - began, 1)} | result
+    print(json.dumps(record))
+    with open(recipe.root / "summary.jsonl", "a") as summary:
+        summary.write(json.dumps(record) + "\n")

@@ -1,0 +1,292 @@
+"""The recipe, stage by stage: VAE -> teacher (+ text encoder) -> AnyFlow student (stage 1) -> on-policy
+distillation (stage 2), a consistency baseline beside it, and the export of the default model.
+
+Each stage reads the `final/` of the stages before it and writes its own, so any stage can be rerun or resumed
+alone; a stage whose `final/` exists is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan, WanTransformer3DModel
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ..config import StreamConfig
+from ..engine import SinkWindow, StreamingEngine, TextCondition
+from ..models import far_from_wan
+from ..pipeline import DEFAULT_MODEL, StreamingPipeline
+from . import components as C
+from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
+from .loop import Run, generator, optimize
+from .losses import causal_velocity, consistency_loss, flow_matching_loss, flowmap_loss, teacher_loss
+from .world import VideoWorld
+
+BUDGETS = (1, 2, 4, 8)  # stage 2 trains the budgets a stream uses; 16 and more are evaluated, not trained
+
+
+@dataclass
+class Recipe:
+    """Where a run lives and how big its steps are (defaults: the CPU recipe of docs/training.md)."""
+
+    root: Path = Path("runs/default")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sizes: C.Sizes = field(default_factory=C.Sizes)
+    batch: int = 8  # clips per transformer step; the VAE, on 9-frame pixel clips, takes half as many
+    clips: int = 512  # latent training set size
+    minutes: float | None = None  # time box per training stage
+    export_to: Path = DEFAULT_MODEL
+
+    @property
+    def world(self) -> VideoWorld:
+        return VideoWorld(self.sizes.height, self.sizes.width)
+
+    def run(self, stage: str) -> Run:
+        return Run(self.root, stage)
+
+    def require(self, stage: str) -> Path:
+        final = self.run(stage).final
+        if not final.is_dir():
+            raise FileNotFoundError(f"stage {stage!r} has not finished ({final} missing); run `streamgen train {stage}`")
+        return final
+
+
+# -- loading what earlier stages wrote ---------------------------------------------------------------------------
+def load_vae(recipe: Recipe) -> AutoencoderKLWan:
+    return AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae").to(recipe.device).eval()
+
+
+def load_text(recipe: Recipe) -> tuple:
+    final = recipe.require("teacher")
+    encoder = UMT5EncoderModel.from_pretrained(final / "text_encoder").to(recipe.device).eval().requires_grad_(False)
+    return AutoTokenizer.from_pretrained(final / "tokenizer"), encoder
+
+
+def load_teacher(recipe: Recipe) -> WanTransformer3DModel:
+    return WanTransformer3DModel.from_pretrained(recipe.require("teacher") / "teacher").to(recipe.device).eval()
+
+
+def load_far(recipe: Recipe, stage: str) -> AnyFlowFARTransformer3DModel:
+    path = recipe.require(stage) / "transformer"
+    return AnyFlowFARTransformer3DModel.from_pretrained(path).to(recipe.device).eval()
+
+
+def latent_set(recipe: Recipe) -> LatentSet:
+    frames = recipe.sizes.clip_latent_frames
+    return LatentSet.build(recipe.root / "latents.pt", load_vae(recipe), recipe.world, recipe.clips, frames)
+
+
+# -- stages ------------------------------------------------------------------------------------------------------
+def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
+    """Reconstruction (L1 + L2, foreground pixels weighted up: shapes are a small part of each frame) + a small KL."""
+    run = recipe.run("vae")
+    vae = C.build_vae(recipe.sizes).to(recipe.device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step(i: int) -> dict[str, float]:
+        x, _ = pixel_clips(recipe.world, i, recipe.batch // 2, 9)
+        x = x.to(recipe.device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator(i, 0, recipe.device))
+        error = vae.decode(z).sample - x
+        background = x.flatten(3).median(dim=3).values[..., None, None]
+        weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.3).float()
+        reconstruction = (weight * (error.abs() + error.square())).mean()
+        kl = posterior.kl().mean() / z[0].numel()
+        optimize(optimizer, reconstruction + 1e-4 * kl)
+        return {"rec": reconstruction.item(), "kl": kl.item()}
+
+    losses = run.train(steps, {"vae": vae}, {"vae": optimizer}, step, minutes=recipe.minutes)
+    set_latent_stats(vae, recipe.world)
+    vae.save_pretrained(run.final / "vae")
+    return losses
+
+
+def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
+    """Flow matching of the bidirectional Wan teacher, jointly with the text encoder (no pretrained UMT5 here)."""
+    run = recipe.run("teacher")
+    data = latent_set(recipe)
+    tokenizer = C.build_tokenizer()
+    encoder = C.build_text_encoder(recipe.sizes, len(tokenizer)).to(recipe.device)
+    teacher = C.build_teacher(recipe.sizes).to(recipe.device)
+    params = [*teacher.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+
+    def step(i: int) -> dict[str, float]:
+        x0, captions = data.batch(i, recipe.batch, recipe.sizes.clip_latent_frames, salt=1)
+        text = C.encode_captions(tokenizer, encoder, captions)
+        loss = teacher_loss(teacher, x0.to(recipe.device), text, generator(i, 1))
+        optimize(optimizer, loss)
+        return {"fm": loss.item()}
+
+    losses = run.train(steps, {"teacher": teacher, "text_encoder": encoder}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    teacher.save_pretrained(run.final / "teacher")
+    encoder.save_pretrained(run.final / "text_encoder")
+    tokenizer.save_pretrained(run.final / "tokenizer")
+    return losses
+
+
+def _partition(gen: torch.Generator) -> tuple[int, ...]:
+    """A stream prefix of 1..5 chunks: early chunks (little context) and late ones (compressed context) alike."""
+    return CHUNKS[: int(torch.randint(1, len(CHUNKS) + 1, (1,), generator=gen))]
+
+
+def _data_step(recipe: Recipe, data: LatentSet, tokenizer, encoder, i: int, salt: int):
+    gen = generator(i, salt)
+    partition = _partition(gen)
+    x0, captions = data.batch(i, recipe.batch, sum(partition), salt=salt)
+    with torch.no_grad():
+        text = C.encode_captions(tokenizer, encoder, captions)
+    return x0.to(recipe.device), text, partition, gen
+
+
+def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
+    """Stage 1: the FAR student, initialised from the teacher, learns the forward flow map on data chunks."""
+    run = recipe.run("student")
+    data = latent_set(recipe)
+    tokenizer, encoder = load_text(recipe)
+    student = far_from_wan(load_teacher(recipe)).to(recipe.device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(i: int) -> dict[str, float]:
+        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=2)
+        loss, mse = flowmap_loss(student, x0, text, partition, gen)
+        optimize(optimizer, loss)
+        return {"flowmap": loss.item(), "mse": mse}
+
+    losses = run.train(steps, {"student": student}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    student.save_pretrained(run.final / "transformer")
+    return losses
+
+
+def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
+    """Baseline: consistency distillation of the same teacher into the same causal architecture, same data and
+    steps as stage 1. r-blind (gate 0), so the engine's jump t -> r is exactly multistep consistency sampling."""
+    run = recipe.run("consistency")
+    data = latent_set(recipe)
+    tokenizer, encoder = load_text(recipe)
+    teacher = C.causal_teacher(load_teacher(recipe))
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    grid = _sigmas(teacher, 32)
+
+    def step(i: int) -> dict[str, float]:
+        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=3)
+        loss = consistency_loss(model, teacher, x0, text, partition, gen, grid)
+        optimize(optimizer, loss)
+        return {"cd": loss.item()}
+
+    losses = run.train(steps, {"model": model}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    model.save_pretrained(run.final / "transformer")
+    return losses
+
+
+def _sigmas(model: AnyFlowFARTransformer3DModel, steps: int) -> torch.Tensor:
+    """The sampling grid 1 = s_0 > ... > s_steps = 0 of a `steps` budget (the scheduler's shifted one)."""
+    plan = StreamingEngine(model, C.build_scheduler()).schedule(steps)
+    return torch.tensor([float(s.sigma_t) for s in plan] + [float(plan[-1].sigma_r)])
+
+
+def _chunk_velocity(model, context, z, t, r, text, partition):
+    """u for the last chunk `z` given clean self-generated `context`, per-sample sigmas `t`, `r` of shape (B,)."""
+    frames = torch.cat([context, z], dim=1)
+    ctx = torch.zeros(z.shape[0], context.shape[1], device=z.device)
+    full = lambda s: torch.cat([ctx, s[:, None].expand(-1, z.shape[1])], dim=1)  # noqa: E731
+    return causal_velocity(model, frames, frames, full(t), full(r), text, partition)[:, -z.shape[1] :]
+
+
+def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
+    """Stage 2: on-policy backward simulation with DMD against the teacher, co-trained with the stage-1 loss.
+
+    Per step: a random budget N and index k; the student streams the earlier chunks itself (KV-cached engine, no
+    gradient), then makes the current chunk in three jumps 1 -> s_k -> s_{k+1} -> 0 of that budget's grid, with
+    gradient. DMD moves the result along (fake score - teacher score); the fake score, a copy of the teacher,
+    keeps learning the student's own chunks.
+    """
+    run = recipe.run("distill")
+    data = latent_set(recipe)
+    tokenizer, encoder = load_text(recipe)
+    student = load_far(recipe, "student")
+    real = C.causal_teacher(load_teacher(recipe))
+    fake = copy.deepcopy(real).requires_grad_(True)
+    opt_student = torch.optim.AdamW(student.parameters(), lr=2e-5, weight_decay=0.0)
+    opt_fake = torch.optim.AdamW(fake.parameters(), lr=1e-4, weight_decay=0.0)
+    engine = StreamingEngine(student, C.build_scheduler())
+    grids = {n: _sigmas(student, n).to(recipe.device) for n in BUDGETS}
+    latent_size = (recipe.sizes.height // 8, recipe.sizes.width // 8)
+
+    def step(i: int) -> dict[str, float]:
+        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=4)
+        budget = BUDGETS[int(torch.randint(len(BUDGETS), (1,), generator=gen))]
+        k = int(torch.randint(budget, (1,), generator=gen))
+        grid = grids[budget]
+        batch = x0.shape[0]
+
+        context = _stream(engine, text, partition[:-1], budget, latent_size, gen)
+        z = torch.randn(batch, partition[-1], *x0.shape[2:], generator=gen).to(recipe.device)
+        marks = sorted({1.0, float(grid[k]), float(grid[k + 1]), 0.0}, reverse=True)
+        for a, b in zip(marks, marks[1:]):
+            ta, tb = (torch.full((batch,), s, device=recipe.device) for s in (a, b))
+            z = z - (a - b) * _chunk_velocity(student, context, z, ta, tb, text, partition)
+        dmd = _dmd_loss(real, fake, context, z, text, partition, gen)
+        stage1, mse = flowmap_loss(student, x0, text, partition, gen)
+        optimize(opt_student, dmd + stage1)
+
+        rollout = torch.cat([context, z.detach()], dim=1)
+        fake_loss = flow_matching_loss(fake, rollout, rollout, text, partition, gen)
+        optimize(opt_fake, fake_loss)
+        return {"dmd": dmd.item(), "flowmap_mse": mse, "fake": fake_loss.item()}
+
+    modules = {"student": student, "fake": fake}
+    losses = run.train(steps, modules, {"student": opt_student, "fake": opt_fake}, step, checkpoint_every=25, minutes=recipe.minutes)
+    student.save_pretrained(run.final / "transformer")
+    return losses
+
+
+@torch.no_grad()
+def _stream(engine, text, sizes, steps, latent_size, gen) -> torch.Tensor:
+    """The student's own stream for chunks of `sizes` at a `steps` budget, through the KV-cached engine."""
+    cache = engine.new_cache(latent_size, max(CHUNKS), SinkWindow(1, None))
+    condition = TextCondition(text)
+    chunks = [torch.zeros(text.shape[0], 0, 16, *latent_size, device=text.device)]
+    for frames in sizes:
+        noise = torch.randn(text.shape[0], frames, 16, *latent_size, generator=gen).to(text.device)
+        latents = engine.denoise(cache, noise, condition, steps)
+        engine.commit(cache, latents, condition)
+        chunks.append(latents)
+    return torch.cat(chunks, dim=1)
+
+
+def _dmd_loss(real, fake, context, x, text, partition, gen) -> torch.Tensor:
+    """Distribution matching: the gradient (fake x0 - real x0) at a random noise level, normalised as in DMD."""
+    batch = x.shape[0]
+    sigma = C.shifted_sigmas(torch.rand(batch, generator=gen)).clamp(0.02, 0.98).to(x.device)
+    s = sigma[:, None, None, None, None]
+    z = (1 - s) * x + s * torch.randn(x.shape, generator=gen).to(x.device)
+    with torch.no_grad():
+        x_real = z - s * _chunk_velocity(real, context, z, sigma, sigma, text, partition)
+        x_fake = z - s * _chunk_velocity(fake, context, z, sigma, sigma, text, partition)
+        scale = (x - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-4)
+        target = x - (x_fake - x_real) / scale
+    return 0.5 * F.mse_loss(x, target)
+
+
+def export(recipe: Recipe) -> Path:
+    """Write the default model: the stage-2 student where it exists, else stage 1's, with the trained VAE/text."""
+    stage = "distill" if recipe.run("distill").done else "student"
+    tokenizer, encoder = load_text(recipe)
+    pipe = StreamingPipeline(
+        transformer=load_far(recipe, stage),
+        vae=load_vae(recipe),
+        scheduler=C.build_scheduler(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        config=StreamConfig(height=recipe.sizes.height, width=recipe.sizes.width),
+        max_sequence_length=C.MAX_SEQUENCE_LENGTH,
+    )
+    pipe.save_pretrained(recipe.export_to)
+    return recipe.export_to
