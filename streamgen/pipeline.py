@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,7 @@ class Session:
         self.negative_prompt = negative_prompt
         self.text = self._condition(prompt, prompt_embeds)
         self.prompt = prompt
-        self.seed = int(seed) if seed is not None else int(torch.seed() % 2**63)
+        self.seed = int(seed) if seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(self.seed)
         t_scale, s_scale = pipe.latent_scale
         self.latent_size = (config.height // s_scale, config.width // s_scale)
