@@ -126,8 +126,8 @@ def main() -> None:
         f"Per-chunk figures are means over the {rows[0]['frames_per_chunk']}-frame chunks, as the server measured",
         "them; the chunk interval is the time between a session's chunks arriving at its client.",
         "",
-        "| sessions | generation (ms) | encode (ms) | send (ms) | encode + send | chunk interval (ms) | fps per session "
-        "| fps total |",
+        "| sessions | generation (ms) | encode (ms) | send (ms) | encode + send | chunk interval (ms) "
+        + "| fps per session | fps total |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['sessions']} | {r['generation_ms']:.1f} | {r['encode_ms']:.1f} | {r['send_ms']:.2f} "

@@ -95,7 +95,9 @@ def test_page_plays_and_controls_the_live_stream(pipe, page, tmp_path: Path) -> 
         Image.new("RGB", (64, 64), (200, 40, 40)).save(image)
         page.set_input_files("#file", str(image))
         page.click("#start")
-        page.wait_for_function("() => window.streamgen.state === 'live' && window.streamgen.chunks >= 1", timeout=WAIT_MS)
+        page.wait_for_function(
+            "() => window.streamgen.state === 'live' && window.streamgen.chunks >= 1", timeout=WAIT_MS
+        )
         page.click("#stop")
         page.wait_for_function("() => window.streamgen.state === 'idle'", timeout=WAIT_MS)
     assert not errors

@@ -37,6 +37,8 @@ from streamgen.media import write_mp4
 from streamgen_client import cli
 from streamgen_client.client import StreamClient, endpoint, record
 from streamgen_server.app import App, Background, serve_in_thread
+from streamgen_server.protocol import Limits, Start
+from streamgen_server.scheduler import MediaChunk, Scheduler
 
 pytestmark = pytest.mark.timeout(180)
 TIMEOUT = 60  # seconds for any one client conversation
@@ -310,6 +312,36 @@ def test_flooding_is_rate_limited_not_fatal(server: Server) -> None:
             assert json.loads(await client.websocket.recv())["code"] == "no_session"
 
     run(session())
+
+
+def test_a_client_that_stops_reading_stalls_only_its_own_generation(pipe: StreamingPipeline) -> None:
+    """Backpressure at the scheduler, below the sockets (whose kernel buffers would hold hundreds of tiny chunks)."""
+
+    async def scenario() -> None:
+        limits = Limits()
+        scheduler = Scheduler(pipe, max_active=2, limits=limits)
+        runner = asyncio.create_task(scheduler.run())
+        stalled = scheduler.open(Start("nobody reads this", realtime=False), None)
+        reading = scheduler.open(Start("somebody reads this", realtime=False), None)
+        messages = reading.messages()
+        received = 0
+        while received < 6:  # the read stream goes on...
+            received += isinstance(await anext(messages), MediaChunk)
+        assert stalled.chunks == limits.chunk_buffer  # ...the other one stopped at its buffer's size
+        unread = stalled.messages()
+        assert (await anext(unread))["type"] == "started"
+        assert isinstance(await anext(unread), MediaChunk)
+        await anext(unread)  # back for more: the first chunk has been delivered, a slot in the buffer is free
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if stalled.chunks > limits.chunk_buffer:
+                break
+        assert stalled.chunks == limits.chunk_buffer + 1
+        runner.cancel()
+        await scheduler.shutdown()
+        assert stalled.session is None and reading.session is None
+
+    run(scenario())
 
 
 def test_vanishing_clients_free_their_sessions(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ function onEvent(msg) {
       ui.steps.max = Math.min(msg.max_steps, 16);
       ui.steps.value = params.get("steps") ?? msg.steps;
       ui.stepsValue.textContent = ui.steps.value;
-      setState("idle");
+      setState("idle", "ready");
       if (player.autoplay && ui.prompt.value.trim()) {
         player.autoplay = false;
         start();
@@ -58,6 +58,7 @@ function onEvent(msg) {
       break;
     case "queued":
       setState("queued", `queued #${msg.position}`);
+      ui.overlay.textContent = `Every slot is busy: you are number ${msg.position} in line`;
       break;
     case "started":
       openMedia(msg.codec);
@@ -80,10 +81,11 @@ function onEvent(msg) {
       break;
     case "error":
       showMessage(`${msg.code}: ${msg.message}`);
-      if (player.state === "starting") setState("idle"); // the start was refused
+      if (player.state === "starting") setState("idle", "ready"); // the start was refused
       break;
     case "stopped":
       setState("idle", msg.reason === "client" ? "stopped" : `stopped (${msg.reason})`);
+      ui.overlay.textContent = "Write a prompt and press Start";
       break;
   }
 }

@@ -39,10 +39,10 @@ WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"  # the projec
 WEBSOCKET_PATH = "/ws"
 SHUTDOWN_FLUSH_SECONDS = 2.0  # how long a graceful shutdown waits for clients to be told `stopped`
 
-log = logging.getLogger(__name__)
-
 
 class App:
+    """One server: a scheduler over one pipeline, the connections on it, and their metrics."""
+
     def __init__(
         self,
         pipe: StreamingPipeline,
@@ -85,7 +85,7 @@ class App:
             "sessions_active": ("Sessions holding a generation slot.", self.scheduler.active),
             "sessions_queued": ("Sessions waiting for a slot.", self.scheduler.queued),
             "connections": ("Open websocket connections.", len(self.connections)),
-            "session_bytes": ("Model memory (KV and decoder caches) held by live sessions.", self.scheduler.nbytes),
+            "session_bytes": ("Model memory (KV and decoder caches) held by sessions.", self.scheduler.nbytes),
         }
 
     async def _handle(self, websocket: ServerConnection) -> None:

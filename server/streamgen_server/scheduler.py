@@ -53,7 +53,7 @@ class Stream:
     """One session as the scheduler sees it: its request, library session, encoder and outgoing messages.
 
     Owned by one connection, which reads `messages()`. While a job of this stream runs on the worker thread,
-    `session`, `encoder`, `chunks` and `frames` belong to that thread; the loop reads them only between jobs.
+    `session`, `encoder`, `chunks` and `frames` belong to that thread: the loop only reads counts meanwhile.
     """
 
     def __init__(self, request: Start, context: np.ndarray | None, buffer: int, wake: Callable[[], None]) -> None:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import av
@@ -29,7 +29,7 @@ def endpoint(url: str, token: str | None = None) -> str:
     """The websocket URL for a server address: `ws://host:port` gets the `/ws` path, a token its query."""
     parts = urlsplit(url)
     path = parts.path if parts.path not in ("", "/") else WEBSOCKET_PATH
-    query = parts.query + ("&" if parts.query else "") + urlencode({"token": token}) if token else parts.query
+    query = "&".join(filter(None, [parts.query, urlencode({"token": token}) if token else ""]))
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
@@ -84,7 +84,7 @@ class StreamClient:
     async def close(self) -> None:
         await self.websocket.close()
 
-    async def __aenter__(self) -> StreamClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
