@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_server import model_dir, one_torch_thread, pipe  # noqa: F401 - fixtures shared with the server tests
 
 from streamgen_server.app import serve_in_thread
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_torch_thread")]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]  # fmt: skip

@@ -6,13 +6,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_server import model_dir, one_torch_thread, pipe  # noqa: F401 - fixtures shared with the server tests
 
 from streamgen_client import cli
 from streamgen_client.client import endpoint
 from streamgen_server.app import serve_in_thread
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_endpoint_adds_the_websocket_path_and_token() -> None:

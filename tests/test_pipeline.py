@@ -11,7 +11,7 @@ import torch
 from diffusers import AnyFlowFARPipeline
 
 from streamgen import StreamConfig, StreamingPipeline, presets
-from streamgen.engine import SinkWindow, TextCondition
+from streamgen.engine import SinkWindow
 from streamgen.media import MediaError
 
 PARTITION = [1, 3, 3, 3]

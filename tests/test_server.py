@@ -26,13 +26,11 @@ import av
 import numpy as np
 import psutil
 import pytest
-import torch
-from diffusers import AnyFlowFARPipeline
 from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from streamgen import StreamConfig, StreamingPipeline, presets
+from streamgen import StreamingPipeline
 from streamgen.media import write_mp4
 from streamgen_client import cli
 from streamgen_client.client import StreamClient, endpoint, record
@@ -40,32 +38,8 @@ from streamgen_server.app import App, Background, serve_in_thread
 from streamgen_server.protocol import Limits, Start
 from streamgen_server.scheduler import MediaChunk, Scheduler
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 TIMEOUT = 60  # seconds for any one client conversation
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """On a loaded 2-core machine, OpenMP threads spinning against other processes make chunks 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    AnyFlowFARPipeline(**presets.build("tiny")).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir: Path) -> StreamingPipeline:
-    """Shared by the servers of this module, which never generate at the same time (tests run one by one)."""
-    pipe = StreamingPipeline.from_pretrained(model_dir)
-    pipe.config = StreamConfig(height=64, width=64, steps=1)
-    return pipe
 
 
 @dataclass
