@@ -33,9 +33,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every default step count (for 'all')")
     parser.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (checkpoints, logs)")
     parser.add_argument("--export-to", type=Path, default=DEFAULT_MODEL, help="where 'export' writes the model")
+    parser.add_argument("--from", dest="source", choices=["student", "distill", "consistency"],
+                        help="which transformer 'export' ships (default: distill if finished, else student)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clips", type=int, default=512, help="clips in the latent training set")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warm-start", type=Path, help="initialise from this run's finished stages")
     parser.add_argument("--minutes", type=float, help="time box per training stage (wall clock)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -47,18 +50,19 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     recipe = Recipe(
         root=args.out, device=torch.device(args.device), batch=args.batch, clips=args.clips,
-        export_to=args.export_to, minutes=args.minutes
+        export_to=args.export_to, minutes=args.minutes,
+        warm_start=args.warm_start,
     )
     for stage in ALL if args.stage == "all" else (args.stage,):
-        run_stage(recipe, stage, args.steps or round(DEFAULT_STEPS.get(stage, 0) * args.scale))
+        run_stage(recipe, stage, args.steps or round(DEFAULT_STEPS.get(stage, 0) * args.scale), args.source)
     return 0
 
 
-def run_stage(recipe: Recipe, stage: str, steps: int) -> None:
+def run_stage(recipe: Recipe, stage: str, steps: int, source: str | None = None) -> None:
     """Run one stage (skipped when already finished) and append its wall time and final losses to `summary.jsonl`."""
     began = time.perf_counter()
     if stage == "export":
-        result = {"exported": str(stages.export(recipe))}
+        result = stages.export(recipe, source)
     elif recipe.run(stage).done:
         print(f"{stage}: already finished ({recipe.run(stage).final}); delete it to retrain")
         return

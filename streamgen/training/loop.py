@@ -55,8 +55,9 @@ class Run:
         minutes: float | None = None,
     ) -> dict[str, float]:
         """Run `step` from the last checkpoint up to `steps`, or until `minutes` of wall time have passed (a
-        time-boxed stage on a machine of unknown speed); returns the mean losses of the last 10% of steps run."""
-        start = self._resume(modules, optimizers)
+        time-boxed stage on a machine of unknown speed); returns the steps done and the mean losses of the last
+        10% of steps run."""
+        start = reached = self._resume(modules, optimizers)
         recent: list[dict[str, float]] = []
         with open(self.dir / "log.jsonl", "a") as log, tqdm(
             total=steps, initial=start, desc=self.dir.name, unit="step", dynamic_ncols=True
@@ -70,6 +71,7 @@ class Run:
                 for module in modules.values():
                     module.train()
                 losses = step(i)
+                reached = i + 1
                 recent = (recent + [losses])[-max(1, steps // 10) :]
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
@@ -79,7 +81,8 @@ class Run:
                     self._save(i + 1, modules, optimizers)
         for module in modules.values():
             module.eval()
-        return {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+        means = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+        return {"steps_done": reached} | means
 
     def _save(self, step: int, modules: dict, optimizers: dict) -> None:
         state = {

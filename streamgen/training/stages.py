@@ -26,6 +26,7 @@ from .loop import Run, generator, optimize
 from .losses import causal_velocity, consistency_loss, flow_matching_loss, flowmap_loss, teacher_loss
 from .world import VideoWorld
 
+CAPTION = "a large red circle moving right quickly on a black background"
 BUDGETS = (1, 2, 4, 8)  # stage 2 trains the budgets a stream uses; 16 and more are evaluated, not trained
 
 
@@ -36,9 +37,10 @@ class Recipe:
     root: Path = Path("runs/default")
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sizes: C.Sizes = field(default_factory=C.Sizes)
-    batch: int = 8  # clips per transformer step; the VAE, on 9-frame pixel clips, takes half as many
+    batch: int = 8  # clips per transformer step; the VAE, on 5-frame pixel clips, takes a quarter as many
     clips: int = 512  # latent training set size
     minutes: float | None = None  # time box per training stage
+    warm_start: Path | None = None  # another run whose finished stages initialise this run's models
     export_to: Path = DEFAULT_MODEL
 
     @property
@@ -53,6 +55,15 @@ class Recipe:
         if not final.is_dir():
             raise FileNotFoundError(f"stage {stage!r} has not finished ({final} missing); run `streamgen train {stage}`")
         return final
+
+
+def warm(recipe: Recipe, module: torch.nn.Module, stage: str, component: str) -> torch.nn.Module:
+    """`module` with the weights `recipe.warm_start`'s stage finished with (continuing training elsewhere, e.g.
+    on a GPU's run), else as built."""
+    if recipe.warm_start is not None:
+        path = Path(recipe.warm_start) / stage / "final" / component
+        module.load_state_dict(type(module).from_pretrained(path).state_dict())
+    return module.to(recipe.device)
 
 
 # -- loading what earlier stages wrote ---------------------------------------------------------------------------
@@ -84,11 +95,11 @@ def latent_set(recipe: Recipe) -> LatentSet:
 def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     """Reconstruction (L1 + L2, foreground pixels weighted up: shapes are a small part of each frame) + a small KL."""
     run = recipe.run("vae")
-    vae = C.build_vae(recipe.sizes).to(recipe.device)
+    vae = warm(recipe, C.build_vae(recipe.sizes), "vae", "vae")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
-        x, _ = pixel_clips(recipe.world, i, recipe.batch // 2, 9)
+        x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, 5)
         x = x.to(recipe.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator(i, 0, recipe.device))
@@ -111,8 +122,8 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
     run = recipe.run("teacher")
     data = latent_set(recipe)
     tokenizer = C.build_tokenizer()
-    encoder = C.build_text_encoder(recipe.sizes, len(tokenizer)).to(recipe.device)
-    teacher = C.build_teacher(recipe.sizes).to(recipe.device)
+    encoder = warm(recipe, C.build_text_encoder(recipe.sizes, len(tokenizer)), "teacher", "text_encoder")
+    teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
     params = [*teacher.parameters(), *encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
 
@@ -154,9 +165,9 @@ def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
 
     def step(i: int) -> dict[str, float]:
         x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=2)
-        loss, mse = flowmap_loss(student, x0, text, partition, gen)
+        loss = flowmap_loss(student, x0, text, partition, gen)
         optimize(optimizer, loss)
-        return {"flowmap": loss.item(), "mse": mse}
+        return {"flowmap": loss.item()}
 
     losses = run.train(steps, {"student": student}, {"opt": optimizer}, step, minutes=recipe.minutes)
     student.save_pretrained(run.final / "transformer")
@@ -232,14 +243,14 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         for a, b in zip(marks, marks[1:]):
             ta, tb = (torch.full((batch,), s, device=recipe.device) for s in (a, b))
             z = z - (a - b) * _chunk_velocity(student, context, z, ta, tb, text, partition)
-        dmd = _dmd_loss(real, fake, context, z, text, partition, gen)
-        stage1, mse = flowmap_loss(student, x0, text, partition, gen)
+        dmd = 0.5 * F.mse_loss(z, _dmd_target(real, fake, context, z, text, partition, gen))
+        stage1 = flowmap_loss(student, x0, text, partition, gen)
         optimize(opt_student, dmd + stage1)
 
         rollout = torch.cat([context, z.detach()], dim=1)
         fake_loss = flow_matching_loss(fake, rollout, rollout, text, partition, gen)
         optimize(opt_fake, fake_loss)
-        return {"dmd": dmd.item(), "flowmap_mse": mse, "fake": fake_loss.item()}
+        return {"dmd": dmd.item(), "flowmap": stage1.item(), "fake": fake_loss.item()}
 
     modules = {"student": student, "fake": fake}
     losses = run.train(steps, modules, {"student": opt_student, "fake": opt_fake}, step, checkpoint_every=25, minutes=recipe.minutes)
@@ -261,23 +272,24 @@ def _stream(engine, text, sizes, steps, latent_size, gen) -> torch.Tensor:
     return torch.cat(chunks, dim=1)
 
 
-def _dmd_loss(real, fake, context, x, text, partition, gen) -> torch.Tensor:
-    """Distribution matching: the gradient (fake x0 - real x0) at a random noise level, normalised as in DMD."""
+@torch.no_grad()
+def _dmd_target(real, fake, context, x, text, partition, gen) -> torch.Tensor:
+    """Where distribution matching moves a generated chunk: against (fake x0 - real x0) at a random noise level,
+    normalised as in DMD. The student regresses onto it (0.5 * MSE, whose gradient is exactly that direction)."""
     batch = x.shape[0]
     sigma = C.shifted_sigmas(torch.rand(batch, generator=gen)).clamp(0.02, 0.98).to(x.device)
     s = sigma[:, None, None, None, None]
     z = (1 - s) * x + s * torch.randn(x.shape, generator=gen).to(x.device)
-    with torch.no_grad():
-        x_real = z - s * _chunk_velocity(real, context, z, sigma, sigma, text, partition)
-        x_fake = z - s * _chunk_velocity(fake, context, z, sigma, sigma, text, partition)
-        scale = (x - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-4)
-        target = x - (x_fake - x_real) / scale
-    return 0.5 * F.mse_loss(x, target)
+    x_real = z - s * _chunk_velocity(real, context, z, sigma, sigma, text, partition)
+    x_fake = z - s * _chunk_velocity(fake, context, z, sigma, sigma, text, partition)
+    scale = (x - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-4)
+    return x - (x_fake - x_real) / scale
 
 
-def export(recipe: Recipe) -> Path:
-    """Write the default model: the stage-2 student where it exists, else stage 1's, with the trained VAE/text."""
-    stage = "distill" if recipe.run("distill").done else "student"
+def export(recipe: Recipe, stage: str | None = None) -> dict:
+    """Write the default model: `stage`'s transformer (default: stage 2's student where it exists, else stage
+    1's) with the trained VAE and text encoder."""
+    stage = stage or ("distill" if recipe.run("distill").done else "student")
     tokenizer, encoder = load_text(recipe)
     pipe = StreamingPipeline(
         transformer=load_far(recipe, stage),
@@ -289,4 +301,18 @@ def export(recipe: Recipe) -> Path:
         max_sequence_length=C.MAX_SEQUENCE_LENGTH,
     )
     pipe.save_pretrained(recipe.export_to)
-    return recipe.export_to
+    size = sum(f.stat().st_size for f in Path(recipe.export_to).rglob("*") if f.is_file())
+    return {"exported": str(recipe.export_to), "from": stage, "megabytes": round(size / 2**20, 2)} | chunk_latency(
+        StreamingPipeline.from_pretrained(recipe.export_to, device="cpu")
+    )
+
+
+def chunk_latency(pipe: StreamingPipeline, chunks: int = 8) -> dict[str, float]:
+    """Median seconds for one 3-latent-frame chunk (12 video frames) at the model's default budget, decode
+    included, after the first chunk: what real time at 16 fps has to beat (0.75 s)."""
+    with torch.no_grad(), pipe.start_session(CAPTION, seed=0) as session:
+        times = []
+        for _ in range(chunks):
+            session.next_chunk()
+            times.append(session.timing.total)
+    return {"chunk_seconds": round(sorted(times[1:])[len(times[1:]) // 2], 3), "chunk_steps": pipe.config.steps}
