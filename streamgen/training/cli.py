@@ -14,7 +14,13 @@ from . import stages
 from .stages import Recipe
 
 # Steps of the CPU recipe (about an hour on two shared cores, see docs/training.md).
-DEFAULT_STEPS = {"vae": 600, "teacher": 1500, "student": 800, "distill": 100, "consistency": 800}
+DEFAULT_STEPS = {
+    "vae": 600,
+    "teacher": 1500,
+    "student": 800,
+    "distill": 100,
+    "consistency": 800,
+}
 TRAINERS = {
     "vae": stages.train_vae,
     "teacher": stages.train_teacher,
@@ -29,19 +35,52 @@ ALL = ("vae", "teacher", "student", "export", "distill", "export", "consistency"
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamgen train", description=__doc__)
     parser.add_argument("stage", choices=[*TRAINERS, "export", "all"])
-    parser.add_argument("--steps", type=int, help="steps of this stage (default: the CPU recipe's; not with 'all')")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every default step count (for 'all')")
-    parser.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (checkpoints, logs)")
-    parser.add_argument("--export-to", type=Path, default=DEFAULT_MODEL, help="where 'export' writes the model")
-    parser.add_argument("--from", dest="source", choices=["student", "distill", "consistency"],
-                        help="which transformer 'export' ships (default: distill if finished, else student)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clips", type=int, default=512, help="clips in the latent training set")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warm-start", type=Path, help="initialise from this run's finished stages")
-    parser.add_argument("--minutes", type=float, help="time box per training stage (wall clock)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--steps",
+        type=int,
+        help="steps of this stage (default: the CPU recipe's; not with 'all')",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every default step count (for 'all')",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/default"),
+        help="run directory (checkpoints, logs)",
+    )
+    parser.add_argument(
+        "--export-to",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="where 'export' writes the model",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=["student", "distill", "consistency"],
+        help="which transformer 'export' ships (default: distill if finished, else student)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--clips", type=int, default=512, help="clips in the latent training set"
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--warm-start", type=Path, help="initialise from this run's finished stages"
+    )
+    parser.add_argument(
+        "--minutes", type=float, help="time box per training stage (wall clock)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads: on a shared machine one thread per process beats contended thread pools by far",
     )
     args = parser.parse_args(argv)
@@ -49,26 +88,43 @@ def main(argv: list[str]) -> int:
         parser.error("--steps applies to one stage; use --scale with 'all'")
     torch.set_num_threads(args.threads)
     recipe = Recipe(
-        root=args.out, device=torch.device(args.device), batch=args.batch, clips=args.clips,
-        export_to=args.export_to, minutes=args.minutes,
+        root=args.out,
+        device=torch.device(args.device),
+        batch=args.batch,
+        clips=args.clips,
+        export_to=args.export_to,
+        minutes=args.minutes,
         warm_start=args.warm_start,
     )
     for stage in ALL if args.stage == "all" else (args.stage,):
-        run_stage(recipe, stage, args.steps or round(DEFAULT_STEPS.get(stage, 0) * args.scale), args.source)
+        run_stage(
+            recipe,
+            stage,
+            args.steps or round(DEFAULT_STEPS.get(stage, 0) * args.scale),
+            args.source,
+        )
     return 0
 
 
-def run_stage(recipe: Recipe, stage: str, steps: int, source: str | None = None) -> None:
+def run_stage(
+    recipe: Recipe, stage: str, steps: int, source: str | None = None
+) -> None:
     """Run one stage (skipped when already finished) and append its wall time and final losses to `summary.jsonl`."""
     began = time.perf_counter()
     if stage == "export":
         result = stages.export(recipe, source)
     elif recipe.run(stage).done:
-        print(f"{stage}: already finished ({recipe.run(stage).final}); delete it to retrain")
+        print(
+            f"{stage}: already finished ({recipe.run(stage).final}); delete it to retrain"
+        )
         return
     else:
         result = TRAINERS[stage](recipe, steps)
-    record = {"stage": stage, "steps": steps, "seconds": round(time.perf_counter() - began, 1)} | result
+    record = {
+        "stage": stage,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - began, 1),
+    } | result
     print(json.dumps(record))
     with open(recipe.root / "summary.jsonl", "a") as summary:
         summary.write(json.dumps(record) + "\n")

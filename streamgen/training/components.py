@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMapEulerDiscreteScheduler,
+    WanTransformer3DModel,
+)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -44,7 +48,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, model_max_length=MAX_SEQUENCE_LENGTH)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MAX_SEQUENCE_LENGTH,
+    )
 
 
 def build_text_encoder(sizes: Sizes, vocab_size: int) -> UMT5EncoderModel:
@@ -100,13 +109,17 @@ def causal_teacher(teacher: WanTransformer3DModel) -> torch.nn.Module:
     teacher's ODE: the streaming engine then samples the teacher, and training reads its velocity in one call.
     """
     far = far_from_wan(teacher).to(teacher.device)
-    far.register_to_config(gate_value=0.0)  # so a saved copy (the consistency baseline) reloads r-blind too
+    far.register_to_config(
+        gate_value=0.0
+    )  # so a saved copy (the consistency baseline) reloads r-blind too
     far.condition_embedder.delta_emb_gate.zero_()
     return far.requires_grad_(False).eval()
 
 
 def encode_captions(
-    tokenizer: PreTrainedTokenizerFast, text_encoder: UMT5EncoderModel, captions: list[str]
+    tokenizer: PreTrainedTokenizerFast,
+    text_encoder: UMT5EncoderModel,
+    captions: list[str],
 ) -> torch.Tensor:
     """`(B, MAX_SEQUENCE_LENGTH, dim)` embeddings, zero past each caption's tokens, differentiable.
 
@@ -114,10 +127,16 @@ def encode_captions(
     must see exactly the embeddings inference will.
     """
     inputs = tokenizer(
-        captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+        captions,
+        padding="max_length",
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        return_tensors="pt",
     )
     mask = inputs.attention_mask.to(text_encoder.device)
-    states = text_encoder(inputs.input_ids.to(text_encoder.device), mask).last_hidden_state
+    states = text_encoder(
+        inputs.input_ids.to(text_encoder.device), mask
+    ).last_hidden_state
     return states * mask[..., None].to(states.dtype)
 
 

@@ -17,12 +17,20 @@ from tqdm import tqdm
 from ..vae import encode_video
 from .world import VideoWorld
 
-CHUNKS = (1, 3, 3, 3, 3)  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
+CHUNKS = (
+    1,
+    3,
+    3,
+    3,
+    3,
+)  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
 # World seeds apart from the training steps' (seed = step index), so statistics and the latent set are held apart.
 STATS_SEED, LATENT_SEED = 10**8, 10**8 + 1
 
 
-def pixel_clips(world: VideoWorld, seed: int, batch: int, frames: int) -> tuple[torch.Tensor, list[str]]:
+def pixel_clips(
+    world: VideoWorld, seed: int, batch: int, frames: int
+) -> tuple[torch.Tensor, list[str]]:
     """`(B, 3, T, H, W)` in [-1, 1] (the VAE's layout and range) and the captions."""
     video, captions = world.batch(seed, batch, frames)
     x = torch.from_numpy(video).float().div(127.5).sub(1.0)
@@ -30,7 +38,9 @@ def pixel_clips(world: VideoWorld, seed: int, batch: int, frames: int) -> tuple[
 
 
 @torch.no_grad()
-def set_latent_stats(vae: AutoencoderKLWan, world: VideoWorld, clips: int = 32, frames: int = 17) -> None:
+def set_latent_stats(
+    vae: AutoencoderKLWan, world: VideoWorld, clips: int = 32, frames: int = 17
+) -> None:
     """Write per-channel `latents_mean`/`latents_std` of the posterior mean into the VAE's config, so normalised
     latents are about unit variance: the flow-matching noise scale every later stage assumes."""
     x, _ = pixel_clips(world, seed=STATS_SEED, batch=clips, frames=frames)
@@ -47,21 +57,39 @@ class LatentSet:
     latents: torch.Tensor
     captions: list[str]
 
-    def batch(self, step: int, size: int, frames: int, salt: int = 0) -> tuple[torch.Tensor, list[str]]:
-        index = torch.randint(len(self.captions), (size,), generator=torch.Generator().manual_seed(salt * 7919 + step))
+    def batch(
+        self, step: int, size: int, frames: int, salt: int = 0
+    ) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(
+            len(self.captions),
+            (size,),
+            generator=torch.Generator().manual_seed(salt * 7919 + step),
+        )
         return self.latents[index, :frames], [self.captions[i] for i in index.tolist()]
 
     @classmethod
-    def build(cls, path: Path, vae: AutoencoderKLWan, world: VideoWorld, clips: int, frames: int) -> "LatentSet":
+    def build(
+        cls,
+        path: Path,
+        vae: AutoencoderKLWan,
+        world: VideoWorld,
+        clips: int,
+        frames: int,
+    ) -> LatentSet:
         """Encode `clips` world clips of `frames` latent frames once and cache them at `path`."""
         if path.is_file():
             saved = torch.load(path, weights_only=True)
-            if saved["latents"].shape[0] >= clips and saved["latents"].shape[1] >= frames:
+            if (
+                saved["latents"].shape[0] >= clips
+                and saved["latents"].shape[1] >= frames
+            ):
                 return cls(saved["latents"][:clips, :frames], saved["captions"][:clips])
         latents, captions = [], []
         for i in tqdm(range(clips), desc="encoding clips", unit="clip"):
             video, caption = world.clip((LATENT_SEED, i), 1 + 4 * (frames - 1))
-            latents.append(encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0])
+            latents.append(
+                encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0]
+            )
             captions.append(caption)
         saved = {"latents": torch.stack(latents), "captions": captions}
         torch.save(saved, path)

@@ -18,7 +18,9 @@ from tqdm import tqdm
 StepFn = Callable[[int], dict[str, float]]
 
 
-def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float = 1.0) -> None:
+def optimize(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float = 1.0
+) -> None:
     """Backward, clip and step: clipping keeps the early, noisy steps of tiny models from blowing up."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -27,7 +29,9 @@ def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: flo
     optimizer.step()
 
 
-def generator(step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+def generator(
+    step: int, salt: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator seeded by the step index: what makes every step reproducible after a resume."""
     return torch.Generator(device).manual_seed(1_000_003 * salt + step)
 
@@ -58,30 +62,50 @@ class Run:
         time-boxed stage on a machine of unknown speed); returns the steps done and the mean losses of the last
         10% of steps run."""
         start = reached = self._resume(modules, optimizers)
-        recent: list[dict[str, float]] = []
-        with open(self.dir / "log.jsonl", "a") as log, tqdm(
-            total=steps, initial=start, desc=self.dir.name, unit="step", dynamic_ncols=True
-        ) as bar:
+        history: list[dict[str, float]] = []
+        with (
+            open(self.dir / "log.jsonl", "a") as log,
+            tqdm(
+                total=steps,
+                initial=start,
+                desc=self.dir.name,
+                unit="step",
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             began = time.perf_counter()
             for i in range(start, steps):
                 if minutes is not None and time.perf_counter() - began > 60 * minutes:
                     self._save(i, modules, optimizers)
-                    tqdm.write(f"{self.dir.name}: time box of {minutes} min reached at step {i}")
+                    tqdm.write(
+                        f"{self.dir.name}: time box of {minutes} min reached at step {i}"
+                    )
                     break
                 for module in modules.values():
                     module.train()
                 losses = step(i)
                 reached = i + 1
-                recent = (recent + [losses])[-max(1, steps // 10) :]
+                history.append(losses)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-                log.write(json.dumps({"step": i, "seconds": round(time.perf_counter() - began, 2)} | losses) + "\n")
+                log.write(
+                    json.dumps(
+                        {"step": i, "seconds": round(time.perf_counter() - began, 2)}
+                        | losses
+                    )
+                    + "\n"
+                )
                 if (i + 1) % checkpoint_every == 0 or i + 1 == steps:
                     log.flush()
                     self._save(i + 1, modules, optimizers)
         for module in modules.values():
             module.eval()
-        means = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+        recent = history[-max(1, len(history) // 10) :]
+        means = (
+            {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
+            if recent
+            else {}
+        )
         return {"steps_done": reached} | means
 
     def _save(self, step: int, modules: dict, optimizers: dict) -> None:
@@ -91,7 +115,9 @@ class Run:
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         }
         torch.save(state, self.state.with_suffix(".tmp"))
-        self.state.with_suffix(".tmp").replace(self.state)  # atomic: a kill mid-save keeps the last checkpoint
+        self.state.with_suffix(".tmp").replace(
+            self.state
+        )  # atomic: a kill mid-save keeps the last checkpoint
 
     def _resume(self, modules: dict, optimizers: dict) -> int:
         if not self.state.is_file():

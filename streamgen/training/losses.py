@@ -24,20 +24,37 @@ _SCALE = 1000.0  # the scheduler's num_train_timesteps
 
 
 @lru_cache(maxsize=64)
-def far_mask(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...], h: int, w: int) -> torch.Tensor:
+def far_mask(
+    model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...], h: int, w: int
+) -> torch.Tensor:
     """diffusers' FAR training mask (with clean context) as a dense `(L, L)` bool, cropped to the real tokens."""
     block = model.build_attention_mask(
-        chunk_partition=list(partition), height=h, width=w, has_clean_context=True, device=torch.device("cpu")
+        chunk_partition=list(partition),
+        height=h,
+        width=w,
+        has_clean_context=True,
+        device=torch.device("cpu"),
     )
     cfg = model.config
     compressed = _compressed_frames(model, partition)
-    length = compressed * (h // cfg.compressed_patch_size[1]) * (w // cfg.compressed_patch_size[2])
-    length += 2 * (sum(partition) - compressed) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    length = (
+        compressed
+        * (h // cfg.compressed_patch_size[1])
+        * (w // cfg.compressed_patch_size[2])
+    )
+    length += (
+        2
+        * (sum(partition) - compressed)
+        * (h // cfg.patch_size[1])
+        * (w // cfg.patch_size[2])
+    )
     index = torch.arange(length)
     return block.mask_mod(0, 0, index[:, None], index[None, :]).to(model.device)
 
 
-def _compressed_frames(model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...]) -> int:
+def _compressed_frames(
+    model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...]
+) -> int:
     """Frames that `_forward_train` turns into compressed context (chunks beyond `full_chunk_limit`)."""
     excess = max(0, len(partition) - model.config.full_chunk_limit)
     return sum(partition[:excess])
@@ -78,7 +95,10 @@ def causal_velocity(
 
 
 def teacher_loss(
-    teacher: WanTransformer3DModel, x0: torch.Tensor, text: torch.Tensor, gen: torch.Generator
+    teacher: WanTransformer3DModel,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    gen: torch.Generator,
 ) -> torch.Tensor:
     """Rectified-flow loss of the bidirectional teacher on a stream prefix whose first chunks may be clean.
 
@@ -90,11 +110,21 @@ def teacher_loss(
     ends = torch.tensor(CHUNKS).cumsum(0)
     end = int(ends[torch.randint(len(ends), (1,), generator=gen)])
     starts = [0, *[int(e) for e in ends if e < end]]
-    context = starts[int(torch.randint(len(starts), (1,), generator=gen))] if torch.rand(1, generator=gen) < 0.5 else 0
+    context = (
+        starts[int(torch.randint(len(starts), (1,), generator=gen))]
+        if torch.rand(1, generator=gen) < 0.5
+        else 0
+    )
     x = x0[:, :end]
     noise = torch.randn(x.shape, generator=gen).to(device)
     sigma = shifted_sigmas(torch.rand(x.shape[0], 1, generator=gen)).to(device)
-    t = torch.cat([torch.zeros(x.shape[0], context, device=device), sigma.expand(-1, end - context)], dim=1)
+    t = torch.cat(
+        [
+            torch.zeros(x.shape[0], context, device=device),
+            sigma.expand(-1, end - context),
+        ],
+        dim=1,
+    )
     z = (1 - _b(t)) * x + _b(t) * noise
     cfg = teacher.config
     tokens = (x.shape[-2] // cfg.patch_size[1]) * (x.shape[-1] // cfg.patch_size[2])
@@ -105,16 +135,26 @@ def teacher_loss(
 
 def per_frame(values: torch.Tensor, partition: tuple[int, ...]) -> torch.Tensor:
     """`(B, chunks)` -> `(B, frames)`: one value per chunk, repeated over its frames."""
-    return values.repeat_interleave(torch.tensor(partition, device=values.device), dim=1)
+    return values.repeat_interleave(
+        torch.tensor(partition, device=values.device), dim=1
+    )
 
 
-def sample_times(batch: int, partition: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_times(
+    batch: int, partition: tuple[int, ...], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-chunk (t, r): t from Wan's shifted distribution; r = t (plain flow matching, keeps the velocity),
     r = 0 (the one-jump endpoint) or uniform in [0, t] (every budget in between), a quarter/quarter/half mix."""
     shape = (batch, len(partition))
     t = shifted_sigmas(torch.rand(shape, generator=gen))
     kind = torch.rand(shape, generator=gen)
-    r = torch.where(kind < 0.25, t, torch.where(kind < 0.5, torch.zeros_like(t), t * torch.rand(shape, generator=gen)))
+    r = torch.where(
+        kind < 0.25,
+        t,
+        torch.where(
+            kind < 0.5, torch.zeros_like(t), t * torch.rand(shape, generator=gen)
+        ),
+    )
     return per_frame(t, partition), per_frame(r, partition)
 
 
@@ -140,7 +180,9 @@ def flowmap_loss(
     device = x0.device
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t, r = (x.to(device) for x in sample_times(x0.shape[0], partition, gen))
-    s = r + (t - r) * per_frame(torch.rand(x0.shape[0], len(partition), generator=gen), partition).to(device)
+    s = r + (t - r) * per_frame(
+        torch.rand(x0.shape[0], len(partition), generator=gen), partition
+    ).to(device)
     z = (1 - _b(t)) * x0 + _b(t) * noise
     c = _compressed_frames(model, partition)
     u = causal_velocity(model, z, x0, t, r, text, partition)
@@ -165,7 +207,10 @@ def flow_matching_loss(
     """Plain velocity regression (r = t) of the last chunk of `x0` given `clean` context: the fake score's loss."""
     device = x0.device
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    t = per_frame(shifted_sigmas(torch.rand(x0.shape[0], len(partition), generator=gen)), partition).to(device)
+    t = per_frame(
+        shifted_sigmas(torch.rand(x0.shape[0], len(partition), generator=gen)),
+        partition,
+    ).to(device)
     z = (1 - _b(t)) * x0 + _b(t) * noise
     last = partition[-1]
     u = causal_velocity(model, z, clean, t, t, text, partition)[:, -last:]
@@ -198,6 +243,10 @@ def consistency_loss(
         v = causal_velocity(teacher, z, x0, t, t, text, partition)
         z_next = z[:, c:] - _b(t - t_next)[:, c:] * v
         moved = torch.cat([z[:, :c], z_next], dim=1)
-        target = z_next - _b(t_next)[:, c:] * causal_velocity(model, moved, x0, t_next, zero, text, partition)
-    estimate = z[:, c:] - _b(t)[:, c:] * causal_velocity(model, z, x0, t, zero, text, partition)
+        target = z_next - _b(t_next)[:, c:] * causal_velocity(
+            model, moved, x0, t_next, zero, text, partition
+        )
+    estimate = z[:, c:] - _b(t)[:, c:] * causal_velocity(
+        model, z, x0, t, zero, text, partition
+    )
     return F.mse_loss(estimate, target)

@@ -8,12 +8,17 @@ alone; a stage whose `final/` exists is skipped.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan, WanTransformer3DModel
+from diffusers import (
+    AnyFlowFARTransformer3DModel,
+    AutoencoderKLWan,
+    WanTransformer3DModel,
+)
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..config import StreamConfig
@@ -23,11 +28,22 @@ from ..pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
 from .loop import Run, generator, optimize
-from .losses import causal_velocity, consistency_loss, flow_matching_loss, flowmap_loss, teacher_loss
+from .losses import (
+    causal_velocity,
+    consistency_loss,
+    flow_matching_loss,
+    flowmap_loss,
+    teacher_loss,
+)
 from .world import VideoWorld
 
 CAPTION = "a large red circle moving right quickly on a black background"
-BUDGETS = (1, 2, 4, 8)  # stage 2 trains the budgets a stream uses; 16 and more are evaluated, not trained
+BUDGETS = (
+    1,
+    2,
+    4,
+    8,
+)  # stage 2 trains the budgets a stream uses; 16 and more are evaluated, not trained
 
 
 @dataclass
@@ -40,7 +56,9 @@ class Recipe:
     batch: int = 8  # clips per transformer step; the VAE, on 5-frame pixel clips, takes a quarter as many
     clips: int = 512  # latent training set size
     minutes: float | None = None  # time box per training stage
-    warm_start: Path | None = None  # another run whose finished stages initialise this run's models
+    warm_start: Path | None = (
+        None  # another run whose finished stages initialise this run's models
+    )
     export_to: Path = DEFAULT_MODEL
 
     @property
@@ -53,11 +71,15 @@ class Recipe:
     def require(self, stage: str) -> Path:
         final = self.run(stage).final
         if not final.is_dir():
-            raise FileNotFoundError(f"stage {stage!r} has not finished ({final} missing); run `streamgen train {stage}`")
+            raise FileNotFoundError(
+                f"stage {stage!r} has not finished ({final} missing); run `streamgen train {stage}`"
+            )
         return final
 
 
-def warm(recipe: Recipe, module: torch.nn.Module, stage: str, component: str) -> torch.nn.Module:
+def warm(
+    recipe: Recipe, module: torch.nn.Module, stage: str, component: str
+) -> torch.nn.Module:
     """`module` with the weights `recipe.warm_start`'s stage finished with (continuing training elsewhere, e.g.
     on a GPU's run), else as built."""
     if recipe.warm_start is not None:
@@ -68,17 +90,30 @@ def warm(recipe: Recipe, module: torch.nn.Module, stage: str, component: str) ->
 
 # -- loading what earlier stages wrote ---------------------------------------------------------------------------
 def load_vae(recipe: Recipe) -> AutoencoderKLWan:
-    return AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae").to(recipe.device).eval()
+    return (
+        AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae")
+        .to(recipe.device)
+        .eval()
+    )
 
 
 def load_text(recipe: Recipe) -> tuple:
     final = recipe.require("teacher")
-    encoder = UMT5EncoderModel.from_pretrained(final / "text_encoder").to(recipe.device).eval().requires_grad_(False)
+    encoder = (
+        UMT5EncoderModel.from_pretrained(final / "text_encoder")
+        .to(recipe.device)
+        .eval()
+        .requires_grad_(False)
+    )
     return AutoTokenizer.from_pretrained(final / "tokenizer"), encoder
 
 
 def load_teacher(recipe: Recipe) -> WanTransformer3DModel:
-    return WanTransformer3DModel.from_pretrained(recipe.require("teacher") / "teacher").to(recipe.device).eval()
+    return (
+        WanTransformer3DModel.from_pretrained(recipe.require("teacher") / "teacher")
+        .to(recipe.device)
+        .eval()
+    )
 
 
 def load_far(recipe: Recipe, stage: str) -> AnyFlowFARTransformer3DModel:
@@ -88,7 +123,9 @@ def load_far(recipe: Recipe, stage: str) -> AnyFlowFARTransformer3DModel:
 
 def latent_set(recipe: Recipe) -> LatentSet:
     frames = recipe.sizes.clip_latent_frames
-    return LatentSet.build(recipe.root / "latents.pt", load_vae(recipe), recipe.world, recipe.clips, frames)
+    return LatentSet.build(
+        recipe.root / "latents.pt", load_vae(recipe), recipe.world, recipe.clips, frames
+    )
 
 
 # -- stages ------------------------------------------------------------------------------------------------------
@@ -111,7 +148,9 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
         optimize(optimizer, reconstruction + 1e-4 * kl)
         return {"rec": reconstruction.item(), "kl": kl.item()}
 
-    losses = run.train(steps, {"vae": vae}, {"vae": optimizer}, step, minutes=recipe.minutes)
+    losses = run.train(
+        steps, {"vae": vae}, {"vae": optimizer}, step, minutes=recipe.minutes
+    )
     set_latent_stats(vae, recipe.world)
     vae.save_pretrained(run.final / "vae")
     return losses
@@ -122,19 +161,32 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
     run = recipe.run("teacher")
     data = latent_set(recipe)
     tokenizer = C.build_tokenizer()
-    encoder = warm(recipe, C.build_text_encoder(recipe.sizes, len(tokenizer)), "teacher", "text_encoder")
+    encoder = warm(
+        recipe,
+        C.build_text_encoder(recipe.sizes, len(tokenizer)),
+        "teacher",
+        "text_encoder",
+    )
     teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
     params = [*teacher.parameters(), *encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
 
     def step(i: int) -> dict[str, float]:
-        x0, captions = data.batch(i, recipe.batch, recipe.sizes.clip_latent_frames, salt=1)
+        x0, captions = data.batch(
+            i, recipe.batch, recipe.sizes.clip_latent_frames, salt=1
+        )
         text = C.encode_captions(tokenizer, encoder, captions)
         loss = teacher_loss(teacher, x0.to(recipe.device), text, generator(i, 1))
         optimize(optimizer, loss)
         return {"fm": loss.item()}
 
-    losses = run.train(steps, {"teacher": teacher, "text_encoder": encoder}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    losses = run.train(
+        steps,
+        {"teacher": teacher, "text_encoder": encoder},
+        {"opt": optimizer},
+        step,
+        minutes=recipe.minutes,
+    )
     teacher.save_pretrained(run.final / "teacher")
     encoder.save_pretrained(run.final / "text_encoder")
     tokenizer.save_pretrained(run.final / "tokenizer")
@@ -164,12 +216,16 @@ def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
-        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=2)
+        x0, text, partition, gen = _data_step(
+            recipe, data, tokenizer, encoder, i, salt=2
+        )
         loss = flowmap_loss(student, x0, text, partition, gen)
         optimize(optimizer, loss)
         return {"flowmap": loss.item()}
 
-    losses = run.train(steps, {"student": student}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    losses = run.train(
+        steps, {"student": student}, {"opt": optimizer}, step, minutes=recipe.minutes
+    )
     student.save_pretrained(run.final / "transformer")
     return losses
 
@@ -186,12 +242,16 @@ def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
     grid = _sigmas(teacher, 32)
 
     def step(i: int) -> dict[str, float]:
-        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=3)
+        x0, text, partition, gen = _data_step(
+            recipe, data, tokenizer, encoder, i, salt=3
+        )
         loss = consistency_loss(model, teacher, x0, text, partition, gen, grid)
         optimize(optimizer, loss)
         return {"cd": loss.item()}
 
-    losses = run.train(steps, {"model": model}, {"opt": optimizer}, step, minutes=recipe.minutes)
+    losses = run.train(
+        steps, {"model": model}, {"opt": optimizer}, step, minutes=recipe.minutes
+    )
     model.save_pretrained(run.final / "transformer")
     return losses
 
@@ -206,8 +266,13 @@ def _chunk_velocity(model, context, z, t, r, text, partition):
     """u for the last chunk `z` given clean self-generated `context`, per-sample sigmas `t`, `r` of shape (B,)."""
     frames = torch.cat([context, z], dim=1)
     ctx = torch.zeros(z.shape[0], context.shape[1], device=z.device)
-    full = lambda s: torch.cat([ctx, s[:, None].expand(-1, z.shape[1])], dim=1)  # noqa: E731
-    return causal_velocity(model, frames, frames, full(t), full(r), text, partition)[:, -z.shape[1] :]
+
+    def per_frame(sigma: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ctx, sigma[:, None].expand(-1, z.shape[1])], dim=1)
+
+    return causal_velocity(
+        model, frames, frames, per_frame(t), per_frame(r), text, partition
+    )[:, -z.shape[1] :]
 
 
 def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
@@ -231,19 +296,27 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
     latent_size = (recipe.sizes.height // 8, recipe.sizes.width // 8)
 
     def step(i: int) -> dict[str, float]:
-        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=4)
+        x0, text, partition, gen = _data_step(
+            recipe, data, tokenizer, encoder, i, salt=4
+        )
         budget = BUDGETS[int(torch.randint(len(BUDGETS), (1,), generator=gen))]
         k = int(torch.randint(budget, (1,), generator=gen))
         grid = grids[budget]
         batch = x0.shape[0]
 
         context = _stream(engine, text, partition[:-1], budget, latent_size, gen)
-        z = torch.randn(batch, partition[-1], *x0.shape[2:], generator=gen).to(recipe.device)
+        z = torch.randn(batch, partition[-1], *x0.shape[2:], generator=gen).to(
+            recipe.device
+        )
         marks = sorted({1.0, float(grid[k]), float(grid[k + 1]), 0.0}, reverse=True)
-        for a, b in zip(marks, marks[1:]):
+        for a, b in itertools.pairwise(marks):
             ta, tb = (torch.full((batch,), s, device=recipe.device) for s in (a, b))
-            z = z - (a - b) * _chunk_velocity(student, context, z, ta, tb, text, partition)
-        dmd = 0.5 * F.mse_loss(z, _dmd_target(real, fake, context, z, text, partition, gen))
+            z = z - (a - b) * _chunk_velocity(
+                student, context, z, ta, tb, text, partition
+            )
+        dmd = 0.5 * F.mse_loss(
+            z, _dmd_target(real, fake, context, z, text, partition, gen)
+        )
         stage1 = flowmap_loss(student, x0, text, partition, gen)
         optimize(opt_student, dmd + stage1)
 
@@ -253,7 +326,14 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         return {"dmd": dmd.item(), "flowmap": stage1.item(), "fake": fake_loss.item()}
 
     modules = {"student": student, "fake": fake}
-    losses = run.train(steps, modules, {"student": opt_student, "fake": opt_fake}, step, checkpoint_every=25, minutes=recipe.minutes)
+    losses = run.train(
+        steps,
+        modules,
+        {"student": opt_student, "fake": opt_fake},
+        step,
+        checkpoint_every=25,
+        minutes=recipe.minutes,
+    )
     student.save_pretrained(run.final / "transformer")
     return losses
 
@@ -265,7 +345,9 @@ def _stream(engine, text, sizes, steps, latent_size, gen) -> torch.Tensor:
     condition = TextCondition(text)
     chunks = [torch.zeros(text.shape[0], 0, 16, *latent_size, device=text.device)]
     for frames in sizes:
-        noise = torch.randn(text.shape[0], frames, 16, *latent_size, generator=gen).to(text.device)
+        noise = torch.randn(text.shape[0], frames, 16, *latent_size, generator=gen).to(
+            text.device
+        )
         latents = engine.denoise(cache, noise, condition, steps)
         engine.commit(cache, latents, condition)
         chunks.append(latents)
@@ -277,7 +359,11 @@ def _dmd_target(real, fake, context, x, text, partition, gen) -> torch.Tensor:
     """Where distribution matching moves a generated chunk: against (fake x0 - real x0) at a random noise level,
     normalised as in DMD. The student regresses onto it (0.5 * MSE, whose gradient is exactly that direction)."""
     batch = x.shape[0]
-    sigma = C.shifted_sigmas(torch.rand(batch, generator=gen)).clamp(0.02, 0.98).to(x.device)
+    sigma = (
+        C.shifted_sigmas(torch.rand(batch, generator=gen))
+        .clamp(0.02, 0.98)
+        .to(x.device)
+    )
     s = sigma[:, None, None, None, None]
     z = (1 - s) * x + s * torch.randn(x.shape, generator=gen).to(x.device)
     x_real = z - s * _chunk_velocity(real, context, z, sigma, sigma, text, partition)
@@ -301,10 +387,14 @@ def export(recipe: Recipe, stage: str | None = None) -> dict:
         max_sequence_length=C.MAX_SEQUENCE_LENGTH,
     )
     pipe.save_pretrained(recipe.export_to)
-    size = sum(f.stat().st_size for f in Path(recipe.export_to).rglob("*") if f.is_file())
-    return {"exported": str(recipe.export_to), "from": stage, "megabytes": round(size / 2**20, 2)} | chunk_latency(
-        StreamingPipeline.from_pretrained(recipe.export_to, device="cpu")
+    size = sum(
+        f.stat().st_size for f in Path(recipe.export_to).rglob("*") if f.is_file()
     )
+    return {
+        "exported": str(recipe.export_to),
+        "from": stage,
+        "megabytes": round(size / 2**20, 2),
+    } | chunk_latency(StreamingPipeline.from_pretrained(recipe.export_to, device="cpu"))
 
 
 def chunk_latency(pipe: StreamingPipeline, chunks: int = 8) -> dict[str, float]:
@@ -315,4 +405,7 @@ def chunk_latency(pipe: StreamingPipeline, chunks: int = 8) -> dict[str, float]:
         for _ in range(chunks):
             session.next_chunk()
             times.append(session.timing.total)
-    return {"chunk_seconds": round(sorted(times[1:])[len(times[1:]) // 2], 3), "chunk_steps": pipe.config.steps}
+    return {
+        "chunk_seconds": round(sorted(times[1:])[len(times[1:]) // 2], 3),
+        "chunk_steps": pipe.config.steps,
+    }

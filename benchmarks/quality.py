@@ -1,0 +1,205 @@
+"""Few-step quality of the default model's recipe: teacher Euler vs AnyFlow student vs consistency baseline.
+
+For each step budget and model, on grammar prompts from held-out world seeds:
+  (a) PSNR of decoded frames against the teacher's 64-step ODE, chunk by chunk from the same noise and the same
+      (teacher's) clean context;
+  (b) the analytic semantic score of the model's own free-running stream of one training clip's length;
+  (c) drift: (a) and (b) on a stream `--drift`x longer, streamed by the engine with the model's finite window
+      (PSNR over its last clip's worth of chunks; semantic score on its last clip's worth of frames).
+The world's own frames at the same times give the scorer's ceiling ("data" row).
+
+    python benchmarks/quality.py --run runs/default [--prompts 3] [--drift 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamgen.config import StreamConfig
+from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
+from streamgen.pipeline import StreamingPipeline
+from streamgen.training import stages
+from streamgen.training.components import causal_teacher
+from streamgen.training.data import CHUNKS
+from streamgen.training.world import VideoWorld, semantic_score
+from streamgen.vae import StreamingDecoder, to_uint8_frames
+
+BUDGETS = (1, 2, 4, 8, 16)
+REFERENCE_STEPS = 64
+EVAL_SEED = 10**9  # world seeds no training stage draws
+CLIP_LATENT_FRAMES = stages.C.Sizes().clip_latent_frames
+
+
+def chunk_sizes(latent_frames: int) -> list[int]:
+    sizes = [CHUNKS[0]]
+    while sum(sizes) < latent_frames:
+        sizes.append(CHUNKS[1])
+    return sizes
+
+
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Frames of the last clip's worth of latents, decoded as a stream of their own: every row of the table is
+    measured on the same span, and a long stream costs no more to score than a clip."""
+    with StreamingDecoder(vae) as decoder:
+        return to_uint8_frames(decoder.decode(latents[:, -CLIP_LATENT_FRAMES:]).float())
+
+
+@torch.no_grad()
+def stream(engine, text, noises, steps, window, context=None) -> torch.Tensor:
+    """Latents of a stream; with `context`, each chunk is denoised after the context's earlier chunks instead of its
+    own (the same clean past for every model)."""
+    cache = engine.new_cache(
+        tuple(noises[0].shape[-2:]), max(CHUNKS), SinkWindow(1, window)
+    )
+    out = []
+    for k, noise in enumerate(noises):
+        latents = engine.denoise(cache, noise, text, steps)
+        out.append(latents)
+        engine.commit(cache, latents if context is None else context[k], text)
+    return torch.cat(out, dim=1)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, default=Path("runs/default"))
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument(
+        "--drift", type=int, default=10, help="long stream = this many training clips"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "quality"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+
+    recipe = stages.Recipe(root=args.run)
+    tokenizer, encoder = stages.load_text(recipe)
+    vae = stages.load_vae(recipe)
+    models = {"teacher-euler": causal_teacher(stages.load_teacher(recipe))}
+    if recipe.run("distill").done:
+        models["anyflow (stage 2)"] = stages.load_far(recipe, "distill")
+    models["anyflow (stage 1)"] = stages.load_far(recipe, "student")
+    models["consistency"] = stages.load_far(recipe, "consistency")
+    scheduler = stages.C.build_scheduler()
+    engines = {
+        name: StreamingEngine(model, scheduler) for name, model in models.items()
+    }
+    window = StreamConfig().window
+    pipe = StreamingPipeline(
+        models["teacher-euler"],
+        vae,
+        scheduler,
+        encoder,
+        tokenizer,
+        max_sequence_length=32,
+    )
+    world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
+    clip = CLIP_LATENT_FRAMES
+    frames_per_clip = 1 + 4 * (CLIP_LATENT_FRAMES - 1)
+    lengths = {"clip": chunk_sizes(clip), "long": chunk_sizes(clip * args.drift)}
+
+    rows: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
+    data_scores: dict[str, list[float]] = {"clip": [], "long": []}
+    for p in range(args.prompts):
+        _, caption = world.clip((EVAL_SEED, p), 1)
+        text = TextCondition(pipe.encode_prompt(caption))
+        gen = torch.Generator().manual_seed(p)
+        for span, sizes in lengths.items():
+            noises = [torch.randn(1, f, 16, 8, 8, generator=gen) for f in sizes]
+            total = 1 + 4 * (sum(sizes) - 1)
+            truth, _ = world.clip(
+                (EVAL_SEED, p), frames_per_clip, start_frame=total - frames_per_clip
+            )
+            data_scores[span].append(semantic_score(truth, caption))
+            reference = stream(
+                engines["teacher-euler"], text, noises, REFERENCE_STEPS, window
+            )
+            ref_frames = decode(vae, reference)
+            for name, engine in engines.items():
+                for steps in BUDGETS:
+                    forced = decode(
+                        vae,
+                        stream(
+                            engine,
+                            text,
+                            noises,
+                            steps,
+                            window,
+                            context=reference.split(sizes, 1),
+                        ),
+                    )
+                    free = decode(vae, stream(engine, text, noises, steps, window))
+                    rows.setdefault((span, steps, name), []).append(
+                        (psnr(forced, ref_frames), semantic_score(free, caption))
+                    )
+            print(
+                f"prompt {p} {span}: done ({time.perf_counter() - began:.0f} s)",
+                flush=True,
+            )
+
+    results = [
+        {
+            "span": span,
+            "steps": steps,
+            "model": name,
+            "psnr": float(np.mean([r[0] for r in v])),
+            "semantic": float(np.mean([r[1] for r in v])),
+        }
+        for (span, steps, name), v in sorted(rows.items())
+    ]
+    meta = {
+        "prompts": args.prompts,
+        "clip_latent_frames": clip,
+        "long_latent_frames": sum(lengths["long"]),
+        "window": window,
+        "reference_steps": REFERENCE_STEPS,
+        "seconds": round(time.perf_counter() - began),
+        "data_semantic": {k: float(np.mean(v)) for k, v in data_scores.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+    )
+    lines = [
+        "# Few-step quality (toy default model)",
+        "",
+        (
+            f"{args.prompts} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
+            f"{REFERENCE_STEPS}-step ODE from the same noise and teacher context; semantic score in [0, 1] of the "
+            f"model's own stream (world data scores {meta['data_semantic']['clip']:.2f} on a clip, "
+            f"{meta['data_semantic']['long']:.2f} at the end of the long stream). Long = {sum(lengths['long'])} latent "
+            f"frames ({args.drift}x a training clip), window {window}; scores on its last clip's worth of frames. "
+            f"Wall time {meta['seconds']} s."
+        ),
+        "",
+        "| steps | model | PSNR clip | semantic clip | PSNR long | semantic long |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for steps in BUDGETS:
+        for name in models:
+            c, l = rows[("clip", steps, name)], rows[("long", steps, name)]
+            lines.append(
+                f"| {steps} | {name} | {np.mean([r[0] for r in c]):.1f} | {np.mean([r[1] for r in c]):.2f} | "
+                f"{np.mean([r[0] for r in l]):.1f} | {np.mean([r[1] for r in l]):.2f} |"
+            )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

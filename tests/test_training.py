@@ -1,0 +1,224 @@
+"""Training recipe on tiny configs (each stage's step lowers its loss), and the shipped default model."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan
+from transformers import UMT5EncoderModel
+
+from streamgen.models import far_from_wan
+from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
+from streamgen.training import components as C
+from streamgen.training import stages
+from streamgen.training.data import pixel_clips
+from streamgen.training.losses import (
+    consistency_loss,
+    flow_matching_loss,
+    flowmap_loss,
+    teacher_loss,
+)
+from streamgen.training.world import VideoWorld, semantic_score
+
+TINY = C.Sizes(
+    height=32,
+    width=32,
+    vae_base_dim=4,
+    text_dim=32,
+    heads=2,
+    head_dim=16,
+    layers=2,
+    ffn_dim=64,
+)
+CAPTIONS = [
+    "a large red circle moving right quickly on a black background",
+    "a small blue square moving up slowly on a gray background",
+]
+
+
+def decreases(loss_fn, params, steps: int = 3, lr: float = 1e-3) -> tuple[float, float]:
+    """Loss before and after a few Adam steps on the same batch and noise (`loss_fn` reseeds itself)."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    before = loss_fn().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    return before, loss_fn().item()
+
+
+@pytest.fixture(scope="module")
+def text():
+    torch.manual_seed(0)
+    tokenizer = C.build_tokenizer()
+    encoder = C.build_text_encoder(TINY, len(tokenizer))
+    return tokenizer, encoder
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return C.build_teacher(TINY)
+
+
+def latents(frames: int) -> torch.Tensor:
+    return torch.randn(2, frames, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def test_tokenizer_covers_the_grammar_and_anything_else():
+    tokenizer = C.build_tokenizer()
+    ids = tokenizer(CAPTIONS[0]).input_ids
+    assert C.UNK not in tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer("A purple Elephant!").input_ids.count(tokenizer.unk_token_id) == 3
+
+
+def test_vae_step_lowers_reconstruction_loss():
+    torch.manual_seed(0)
+    vae = C.build_vae(TINY)
+    x, _ = pixel_clips(VideoWorld(32, 32), 0, 1, 5)
+
+    def loss():
+        return (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).square().mean()
+
+    before, after = decreases(loss, vae.parameters(), steps=2, lr=3e-3)
+    assert after < before
+
+
+def test_teacher_step_lowers_flow_matching_loss(text, teacher):
+    tokenizer, encoder = text
+    model, enc = copy.deepcopy(teacher), copy.deepcopy(encoder)
+
+    def loss():
+        return teacher_loss(
+            model,
+            latents(13),
+            C.encode_captions(tokenizer, enc, CAPTIONS),
+            torch.Generator().manual_seed(2),
+        )
+
+    before, after = decreases(loss, [*model.parameters(), *enc.parameters()])
+    assert after < before
+
+
+@pytest.mark.parametrize("partition", [(1,), (1, 3, 3, 3)])
+def test_student_step_lowers_flowmap_loss(text, teacher, partition):
+    tokenizer, encoder = text
+    student = far_from_wan(teacher)
+    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    x0 = latents(sum(partition))
+
+    def loss():
+        return flowmap_loss(
+            student, x0, embeds, partition, torch.Generator().manual_seed(3)
+        )
+
+    before, after = decreases(loss, student.parameters())
+    assert after < before
+
+
+def test_consistency_step_lowers_its_loss(text, teacher):
+    tokenizer, encoder = text
+    frozen = C.causal_teacher(teacher)
+    model = copy.deepcopy(frozen).requires_grad_(True)
+    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    grid = torch.linspace(1, 0, 9)
+
+    def loss():
+        return consistency_loss(
+            model,
+            frozen,
+            latents(7),
+            embeds,
+            (1, 3, 3),
+            torch.Generator().manual_seed(4),
+            grid,
+        )
+
+    before, after = decreases(loss, model.parameters())
+    assert after < before
+
+
+def test_distill_step_lowers_fake_score_and_dmd_losses(text, teacher):
+    """Stage 2's two updates: the fake score fits the student's rollout; then (fake != teacher) the student's chunk
+    moves towards its DMD target."""
+    tokenizer, encoder = text
+    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    real = C.causal_teacher(teacher)
+    fake = copy.deepcopy(real).requires_grad_(True)
+    student = far_from_wan(teacher)
+    partition = (1, 3)
+    context, noise, rollout = latents(1), latents(3), latents(4)
+
+    def fake_loss():
+        return flow_matching_loss(
+            fake, rollout, rollout, embeds, partition, torch.Generator().manual_seed(6)
+        )
+
+    before, after = decreases(fake_loss, fake.parameters(), lr=1e-2)
+    assert after < before
+
+    def chunk():
+        one, zero = torch.ones(2), torch.zeros(2)
+        return noise - stages._chunk_velocity(
+            student, context, noise, one, zero, embeds, partition
+        )
+
+    target = stages._dmd_target(
+        real, fake, context, chunk().detach(), embeds, partition, torch.Generator()
+    )
+    before, after = decreases(
+        lambda: 0.5 * torch.nn.functional.mse_loss(chunk(), target),
+        student.parameters(),
+    )
+    assert 0 < after < before
+
+
+@pytest.fixture
+def one_thread():
+    """A shared CPU's contended thread pool makes these streams ten times slower than one thread does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _stream_score(pipe: StreamingPipeline, prompts: list[str]) -> float:
+    scores = []
+    for i, prompt in enumerate(prompts):
+        with pipe.start_session(prompt, seed=i) as session:
+            frames = np.concatenate([session.next_chunk() for _ in range(3)])
+        scores.append(semantic_score(frames, prompt))
+    return float(np.mean(scores))
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model_index.json").is_file(),
+    reason="default model not exported yet",
+)
+def test_default_model_beats_untrained_weights_of_its_shape(one_thread):
+    torch.manual_seed(0)
+    trained = StreamingPipeline.default(device="cpu")
+    untrained = StreamingPipeline(
+        transformer=AnyFlowFARTransformer3DModel.from_config(
+            trained.transformer.config
+        ).eval(),
+        vae=AutoencoderKLWan.from_config(trained.vae.config).eval(),
+        scheduler=trained.scheduler,
+        text_encoder=UMT5EncoderModel(trained.text_encoder.config).eval(),
+        tokenizer=trained.tokenizer,
+        config=trained.config,
+        max_sequence_length=trained.prompts.max_sequence_length,
+    )
+    prompts = [
+        CAPTIONS[0],
+        "a large green triangle moving down slowly on a dark blue background",
+        CAPTIONS[1],
+    ]
+    assert (
+        trained.config.height == 64
+        and trained.prompts.max_sequence_length == C.MAX_SEQUENCE_LENGTH
+    )
+    assert _stream_score(trained, prompts) > _stream_score(untrained, prompts)
