@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -109,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.set_defaults(run=lambda a: __import__("streamgen_server.app", fromlist=["main"]).main(a))
 
-    for name, module, text in (
-        ("bench", "streamgen.bench", "latency and fps per step budget"),
-        ("train", "streamgen.training.cli", "train the default model"),
-    ):
-        sub = commands.add_parser(name, help=text, add_help=False)
-        sub.set_defaults(run=lambda a, module=module: __import__(module, fromlist=["main"]).main(a.rest))
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
+    # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`.
+    delegated = {"bench": "streamgen.bench", "train": "streamgen.training.cli"}
+    commands.add_parser("bench", help="latency and fps per step budget (streamgen bench --help)")
+    commands.add_parser("train", help="train the default model (streamgen train --help)")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in delegated:
+        return importlib.import_module(delegated[argv[0]]).main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.run(args)
