@@ -134,12 +134,21 @@ def test_bounded_memory_over_300_chunks(components):
 
 
 def test_unbounded_window_fails_clearly_past_rope_table(components):
-    engine = StreamingEngine(components["transformer"], components["scheduler"])
+    """`window=None` keeps absolute positions (the reference's); past the RoPE table it says so, not crash."""
+    torch.manual_seed(0)
+    short = AnyFlowFARTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=48, num_layers=2, freq_dim=32, rope_max_seq_len=16
+    )
+    engine = StreamingEngine(short, components["scheduler"])
     text = TextCondition(torch.randn(1, 16, 32))
     cache = engine.new_cache(LATENT, 3, SinkWindow())
     with pytest.raises(ValueError, match="RoPE table"):
-        for _ in range(400):
+        for _ in range(6):
             engine.commit(cache, torch.randn(1, 3, 16, *LATENT), text)
+    bounded = engine.new_cache(LATENT, 3, SinkWindow(sink=1, window=1))
+    for _ in range(20):  # 60 latent frames through a 16-frame table: positions stay compact
+        engine.commit(bounded, torch.randn(1, 3, 16, *LATENT), text)
+    assert engine.denoise(bounded, torch.randn(1, 3, 16, *LATENT), text, 1).isfinite().all()
 
 
 def test_any_step_count_and_call_count(components):

@@ -8,6 +8,8 @@ absolute frame indices, exactly the reference's.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed
 
@@ -29,15 +31,24 @@ def rope_frequencies(
             f"frame position {int(positions.max())} is past the model's RoPE table ({rope.max_seq_len} frames): "
             "use a finite cache window for long streams"
         )
-    table = rope._build_freqs(device)
-    head = rope.attention_head_dim
-    parts = table.split_with_sizes([head // 2 - 2 * (head // 6), head // 6, head // 6], dim=1)
-    if compressed:
-        down = [c // p for c, p in zip(rope.compressed_patch_size, rope.patch_size)]
-        parts = [rope.avg_pool_complex(part, kernel_size=k, stride=k) for part, k in zip(parts, down)]
+    parts = _axis_tables(rope, device, compressed)
     h, w = grid
     frames = len(positions)
     f = parts[0][positions.to(device)].view(frames, 1, 1, -1).expand(frames, h, w, -1)
     y = parts[1][:h].view(1, h, 1, -1).expand(frames, h, w, -1)
     x = parts[2][:w].view(1, 1, w, -1).expand(frames, h, w, -1)
     return torch.cat([f, y, x], dim=-1).flatten(0, 2)[None, None]
+
+
+@lru_cache(maxsize=16)
+def _axis_tables(
+    rope: AnyFlowCausalRotaryPosEmbed, device: torch.device, compressed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (time, height, width) frequency tables, pooled once per device for compressed tokens."""
+    table = rope._build_freqs(device)
+    head = rope.attention_head_dim
+    parts = table.split_with_sizes([head // 2 - 2 * (head // 6), head // 6, head // 6], dim=1)
+    if compressed:
+        down = [c // p for c, p in zip(rope.compressed_patch_size, rope.patch_size)]
+        parts = [rope.avg_pool_complex(part, kernel_size=k, stride=k) for part, k in zip(parts, down)]
+    return tuple(parts)
