@@ -10,7 +10,8 @@ chunks. Rises in cost are taken at once (a session that starts shows in the next
 * the deadline: `others + fixed + steps * step <= headroom * deadline`;
 * a fair share: `fixed + steps * step <= headroom * deadline / sessions`. Without it, sessions sharing a device
   are stable in any split of the time, and the first one to arrive keeps most of it; with it, equal sessions
-  converge to equal budgets.
+  converge to equal budgets. (It assumes the others use their share: next to light fixed-budget sessions, an
+  adaptive one leaves some time unused.)
 
 Other sessions' time is the device's busy time, not the wall clock, so a scheduler that paces a stream to its
 viewer (waits between chunks) does not read as load. Pure logic, fed measured numbers: see `tests/test_budget.py`.

@@ -313,7 +313,7 @@ class Session:
         usage.record(busy)
         (seen_busy, seen_chunks), self._usage_seen = self._usage_seen, (usage.busy, usage.chunks)
         if self.budget is not None and self.chunk_index > 0:  # a stream's first chunk is shorter, has no deadline
-            others = usage.busy - seen_busy - busy
+            others = max(0.0, usage.busy - seen_busy - busy)
             self.budget.observe(ChunkReport(steps, denoise, busy, others, usage.chunks - seen_chunks))
 
     def _video_frames(self, latent_frames: int) -> int:

@@ -89,7 +89,9 @@ def flow_schedule(scheduler: FlowMapEulerDiscreteScheduler, steps: int) -> list[
     return plan
 
 
-_FREQS_CACHE_SIZE = 64  # entries; a sink+window stream uses about a dozen
+# RoPE tables kept per engine: a sink+window stream uses about a dozen; an unbounded one (the reference mode) about
+# one per chunk, up to the end of the RoPE table, and recomputing them costs more than its whole forward.
+_FREQS_CACHE_SIZE = 1024
 
 
 @dataclass
@@ -146,15 +148,15 @@ class StreamingEngine:
         grid = self._grid(cache, compressed)
         key = (start, frames, compressed, grid, self.device)
         if key not in self._freqs:
-            if len(self._freqs) >= _FREQS_CACHE_SIZE:  # unbounded windows keep asking for new positions
+            if len(self._freqs) >= _FREQS_CACHE_SIZE:  # a bound, should many resolutions share the engine
                 self._freqs.clear()
             positions = torch.arange(start, start + frames)
             self._freqs[key] = rope_frequencies(self.transformer.rope, positions, grid, compressed, self.device)
         return self._freqs[key]
 
     def compile(self, **options) -> None:
-        """`torch.compile` each transformer block. The blocks share their code, so one compilation serves all of
-        them; shapes are dynamic because the context grows until the window is full (and then stays constant)."""
+        """`torch.compile` each transformer block (regional compilation: the blocks share their code, so the
+        compiled code is reused across them). Shapes are dynamic: the context grows until the window is full."""
         for block in self.transformer.blocks:
             block.compile(**{"dynamic": True} | options)
 

@@ -1,0 +1,124 @@
+"""Batching across sessions: total frames/s of 1, 2 and 4 sessions, batched (`StreamingPipeline.next_chunks`,
+one transformer call per step for all) against one at a time (`Session.next_chunk` in turn, as the server does).
+
+Sessions differ in prompt, seed and budget (steps cycle through `--steps`), so a batch mixes (t, r) per sample.
+Each mode gets its own sessions, warmed up by one chunk each (their first chunks are 1 latent frame, a batch of
+their own); then `--rounds` rounds are timed. Reported: all sessions' frames per second end to end (denoise,
+cache update, decode) and per second of denoising alone (what batching changes).
+
+    python benchmarks/batching.py [--preset small] [--sessions 1,2,4] [--rounds 3] [--steps 2,4] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+import torch
+
+from streamgen import bench
+from streamgen.pipeline import Session, StreamingPipeline
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def open_sessions(pipe: StreamingPipeline, count: int, budgets: list[int]) -> list[Session]:
+    sessions = [
+        pipe.start_session(f"{bench.PROMPT}, viewer {i}", seed=i, steps=steps)
+        for i, steps in enumerate(islice(cycle(budgets), count))
+    ]
+    pipe.next_chunks(sessions)  # warm-up: the 1-frame first chunks
+    return sessions
+
+
+def sync(pipe: StreamingPipeline) -> None:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+
+
+def measure(pipe: StreamingPipeline, count: int, budgets: list[int], rounds: int, batched: bool) -> dict:
+    sessions = open_sessions(pipe, count, budgets)
+    frames = denoise = 0.0
+    sync(pipe)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        if batched:
+            outputs = pipe.next_chunks(sessions)
+            denoise += sessions[0].timing.transformer  # one batched denoise for all
+        else:
+            outputs = [session.next_chunk() for session in sessions]
+            denoise += sum(session.timing.transformer for session in sessions)
+        frames += sum(len(frames) for frames in outputs)
+    sync(pipe)
+    seconds = time.perf_counter() - start
+    for session in sessions:
+        session.close()
+    return {"fps": frames / seconds, "denoise_fps": frames / denoise, "seconds": seconds, "frames": int(frames)}
+
+
+def markdown(report: dict) -> str:
+    m, model = report["machine"], report["model"]
+    lines = [
+        "# Batching sessions",
+        "",
+        f"`python benchmarks/batching.py {report['arguments']}`: {model['source']} at {model['width']}x"
+        f"{model['height']}, {model['dtype']} on {m['device']} ({m.get('gpu') or m['cpu']}, {m['cpu_cores']} "
+        f"cores, load average {m['load_average'][0]} to {m['load_average_end'][0]}; torch {m['torch']}). Budgets {report['budgets']} per "
+        f"session in turn, {report['rounds']} timed rounds. Frames per second of all sessions together.",
+        "",
+        "| sessions | one at a time: fps | batched: fps | x | one at a time: denoise fps | batched: denoise fps | x |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        a, b = row["one_at_a_time"], row["batched"]
+        lines.append(
+            f"| {row['sessions']} | {a['fps']:.1f} | {b['fps']:.1f} | {b['fps'] / a['fps']:.2f} | "
+            f"{a['denoise_fps']:.1f} | {b['denoise_fps']:.1f} | {b['denoise_fps'] / a['denoise_fps']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model")
+    source.add_argument("--preset", default="small")
+    p.add_argument("--sessions", default="1,2,4")
+    p.add_argument("--steps", default="2,4", help="budgets, given to the sessions in turn")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "batching_cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, source = bench.load(args.model, None if args.model else args.preset, args.device)
+    budgets = bench.parse_ints(args.steps)
+    machine = bench.machine(pipe.device)
+    # Warm the kernels for both paths once before timing anything.
+    for batched in (False, True):
+        measure(pipe, 2, budgets, 1, batched)
+    rows = []
+    for count in bench.parse_ints(args.sessions):
+        alone = measure(pipe, count, budgets, args.rounds, batched=False)
+        rows.append({"sessions": count, "one_at_a_time": alone, "batched": measure(pipe, count, budgets, args.rounds, True)})
+    machine["load_average_end"] = bench.load_average()
+    report = {
+        "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "machine": machine,
+        "model": bench.describe(pipe, source),
+        "budgets": budgets,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
