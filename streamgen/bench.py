@@ -314,7 +314,7 @@ def markdown(report: dict, argv: list[str]) -> str:
     m = report["machine"]
     machine_line = ", ".join(f"{k} {v}" for k, v in m.items())
     return (
-        f"# streamgen bench\n\n`streamgen bench {' '.join(argv)}` ({report['settings']['seconds']:.0f} s)\n\n"
+        f"# streamgen bench\n\n`python -m streamgen.bench {' '.join(argv)}` ({report['settings']['seconds']:.0f} s)\n\n"
         f"Machine: {machine_line}.\n\n```\n{table(report)}\n```\n"
     )
 
@@ -345,7 +345,7 @@ def plot(report: dict, path: str | Path) -> None:
     p95 = [r["latency_ms"]["total"]["p95"] for r in rows]
     ax.plot(x, p95, "k_", markersize=18, mew=2, label="total p95")
     ax.axhline(deadline, color="k", ls="--", lw=1)
-    ax.annotate(f"real-time deadline {deadline:.0f} ms", (x[0] - 0.4, deadline), va="bottom", fontsize=8)
+    ax.annotate(f"real-time deadline {deadline:.0f} ms", (x[-1] + 0.4, deadline), ha="right", va="bottom", fontsize=8)
     ax.set(xticks=x, xticklabels=labels, xlabel="steps per chunk", ylabel="ms per chunk (p50, stacked)")
     ax.set_title(f"chunk latency ({model['chunk_video_frames']} frames per chunk)")
     ax.legend(fontsize=8, loc="upper left")
