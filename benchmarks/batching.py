@@ -66,8 +66,9 @@ def markdown(report: dict) -> str:
         "",
         f"`python benchmarks/batching.py {report['arguments']}`: {model['source']} at {model['width']}x"
         f"{model['height']}, {model['dtype']} on {m['device']} ({m.get('gpu') or m['cpu']}, {m['cpu_cores']} "
-        f"cores, load average {m['load_average'][0]} to {m['load_average_end'][0]}; torch {m['torch']}). Budgets {report['budgets']} per "
-        f"session in turn, {report['rounds']} timed rounds. Frames per second of all sessions together.",
+        f"cores, load average {m['load_average'][0]} to {m['load_average_end'][0]}; torch {m['torch']}). "
+        f"Budgets {report['budgets']} per session in turn, {report['rounds']} timed rounds. Frames per second of all "
+        "sessions together.",
         "",
         "| sessions | one at a time: fps | batched: fps | x | one at a time: denoise fps | batched: denoise fps | x |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -104,7 +105,9 @@ def main() -> None:
     rows = []
     for count in bench.parse_ints(args.sessions):
         alone = measure(pipe, count, budgets, args.rounds, batched=False)
-        rows.append({"sessions": count, "one_at_a_time": alone, "batched": measure(pipe, count, budgets, args.rounds, True)})
+        rows.append(
+            {"sessions": count, "one_at_a_time": alone, "batched": measure(pipe, count, budgets, args.rounds, True)}
+        )
     machine["load_average_end"] = bench.load_average()
     report = {
         "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),

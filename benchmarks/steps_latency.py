@@ -57,8 +57,8 @@ def markdown(report: dict) -> str:
         "# Step budget against latency",
         "",
         f"`python benchmarks/steps_latency.py {report['arguments']}` on {date.today().isoformat()}: "
-        f"{model['source']} ({model['transformer_parameters_m']:.1f}M-parameter transformer, {model['weights']} weights) at "
-        f"{model['width']}x{model['height']}, {model['dtype']} on {m['device']} "
+        f"{model['source']} ({model['transformer_parameters_m']:.1f}M-parameter transformer, {model['weights']} "
+        f"weights) at {model['width']}x{model['height']}, {model['dtype']} on {m['device']} "
         f"({m.get('gpu') or m['cpu']}, {m['cpu_cores']} cores, load average {m['load_average'][0]} at the start "
         f"and {m['load_average_end'][0]} at the end; "
         f"torch {m['torch']}, diffusers {m['diffusers']}).",

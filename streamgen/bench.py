@@ -190,7 +190,13 @@ class Stream:
         encode = time.perf_counter() - begin
         t = self.session.timing
         chunk = Chunk(
-            self.session.last_steps, len(frames), t.transformer, t.cache, t.decode, encode, time.perf_counter() - self.start
+            self.session.last_steps,
+            len(frames),
+            t.transformer,
+            t.cache,
+            t.decode,
+            encode,
+            time.perf_counter() - self.start,
         )
         self.chunks.append(chunk)
         return chunk
@@ -236,9 +242,7 @@ def measure_budget(pipe: StreamingPipeline, steps: int, chunks: int, warmup: int
     return {
         "steps": steps,
         "time_to_first_frame_s": stream.chunks[0].ready,
-        "latency_ms": {
-            name: percentiles([getattr(c, name) for c in later]) for name in (*PHASES, "total")
-        },
+        "latency_ms": {name: percentiles([getattr(c, name) for c in later]) for name in (*PHASES, "total")},
         **delivery(stream.chunks, pipe.config.fps),
         "peak_memory_mb": memory["mb"],
         "memory_method": memory["method"],
@@ -326,7 +330,7 @@ def plot(report: dict, path: str | Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib: pip install 'streamgen[bench]'") from e
     rows, model = report["budgets"], report["model"]
@@ -356,7 +360,9 @@ def plot(report: dict, path: str | Path) -> None:
     ax.axhline(model["fps"], color="k", ls="--", lw=1)
     ax.annotate(f"real time {model['fps']} fps", (x[0], model["fps"]), va="bottom", fontsize=8)
     ax.set(xticks=x, xticklabels=labels, xlabel="steps per chunk", ylabel="frames per second", yscale="log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title("sustained rate")
     ax.legend(fontsize=8)
 
@@ -380,8 +386,11 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set(xlabel="chunk (all sessions, in turn)", ylabel="steps chosen")
         ax.set_title(f"adaptive budget at {adaptive['target_fps']:g} fps per session")
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{model['source']} at {model['width']}x{model['height']}, {report['machine']['device']}"
-                 f" ({report['machine'].get('gpu') or report['machine']['cpu']})", fontsize=10)
+    fig.suptitle(
+        f"{model['source']} at {model['width']}x{model['height']}, {report['machine']['device']}"
+        f" ({report['machine'].get('gpu') or report['machine']['cpu']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

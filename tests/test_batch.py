@@ -48,7 +48,9 @@ def test_batched_sessions_equal_each_session_alone(pipe):
     assert [s.last_steps for s in batched] == [steps for _, _, steps, _, _ in SESSIONS]
     # The caches moved on identically too: the next chunk alone still matches.
     for a, b in zip(alone, batched):
-        torch.testing.assert_close(b.next_chunk(output_type="latent"), a.next_chunk(output_type="latent"), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            b.next_chunk(output_type="latent"), a.next_chunk(output_type="latent"), atol=1e-5, rtol=0
+        )
 
 
 def test_a_session_cannot_be_batched_with_itself(pipe):
@@ -66,7 +68,11 @@ def test_no_host_tensors_or_syncs_in_the_chunk_step():
     caches = [engine.new_cache((8, 8), 3, SinkWindow(1, 1)) for _ in range(2)]
     for index in range(4):
         for cache in caches[: 1 + (index > 0)]:  # the second stream starts later: contexts of different lengths
-            z = engine.denoise(cache, torch.randn(1, 3 if cache.chunks_committed else 1, 16, 8, 8, device="meta"), text, 2)
+            z = engine.denoise(
+                cache, torch.randn(1, 3 if cache.chunks_committed else 1, 16, 8, 8, device="meta"), text, 2
+            )
             engine.commit(cache, z, text)
-    requests = [DenoiseRequest(cache, torch.randn(1, 3, 16, 8, 8, device="meta"), text, n) for cache, n in zip(caches, (1, 2))]
+    requests = [
+        DenoiseRequest(cache, torch.randn(1, 3, 16, 8, 8, device="meta"), text, n) for cache, n in zip(caches, (1, 2))
+    ]
     assert all(z.device.type == "meta" for z in denoise_batch(engine, requests))
