@@ -12,7 +12,6 @@ cache update, decode) and per second of denoising alone (what batching changes).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from itertools import cycle, islice
 from pathlib import Path
@@ -117,10 +116,7 @@ def main() -> None:
         "rounds": args.rounds,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    bench.save_report(args.out, report, markdown)
 
 
 if __name__ == "__main__":

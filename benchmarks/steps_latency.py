@@ -11,7 +11,6 @@ run the same work). The reference decodes at the end, so its time to first frame
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -119,10 +118,7 @@ def main() -> None:
         "reference_s": [reference_seconds(pipe, steps, chunks) for steps in [1, *budgets]][1:],  # 1st: warm-up
     }
     report["machine"]["load_average_end"] = bench.load_average()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    bench.save_report(args.out, report, markdown)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,14 @@ def describe(pipe: StreamingPipeline, source: str) -> dict:
     }
 
 
+def save_report(out: Path, report: dict, render) -> None:
+    """`out.json` for machines, `out.md` (from `render(report)`) for people; the markdown is printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
 def load_average() -> list[float]:
     """1, 5 and 15-minute load averages: on a shared machine, what else competed for it."""
     return [round(x, 2) for x in os.getloadavg()]
