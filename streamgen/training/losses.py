@@ -164,6 +164,7 @@ def _b(x: torch.Tensor) -> torch.Tensor:
 
 def flowmap_loss(
     model: AnyFlowFARTransformer3DModel,
+    teacher: AnyFlowFARTransformer3DModel,
     x0: torch.Tensor,
     text: torch.Tensor,
     partition: tuple[int, ...],
@@ -171,8 +172,10 @@ def flowmap_loss(
 ) -> torch.Tensor:
     """Stage-1 forward flow-map loss on teacher-forced data chunks.
 
-    r = t pairs regress the data velocity v = noise - x0 (flow matching: the map's anchor). Other pairs use the
-    flow map's semigroup identity, the finite form of MeanFlow's u = v - (t - r) du/dt: jumping t -> s -> r equals
+    r = t pairs regress the teacher's velocity at (z_t, t) (`teacher` is `components.causal_teacher`, same
+    layout): the map's anchor, which makes the student's many-step limit the teacher's ODE, so that more steps
+    bring it closer to the teacher rather than to a field of its own. Other pairs use the flow map's semigroup
+    identity, the finite form of MeanFlow's u = v - (t - r) du/dt: jumping t -> s -> r equals
     jumping t -> r, so u(z_t, t, r) = ((t - s) u(z_t, t, s) + (s - r) u(z_s, s, r)) / (t - r) for a random s in
     [r, t], both terms from the model without gradient. The derivative form, with du/dt a finite difference of the
     model, diverged here (its error grows with the time embedding's frequency over the step; see docs/training.md).
@@ -190,9 +193,10 @@ def flowmap_loss(
         first = causal_velocity(model, z, x0, t, s, text, partition)
         z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * first], dim=1)
         second = causal_velocity(model, z_s, x0, s, r, text, partition)
+        anchor = causal_velocity(teacher, z, x0, t, t, text, partition)
         t, s, r = (_b(x[:, c:]) for x in (t, s, r))
         composed = ((t - s) * first + (s - r) * second) / (t - r).clamp_min(1e-6)
-        target = torch.where(t - r > 1e-4, composed, (noise - x0)[:, c:])
+        target = torch.where(t - r > 1e-4, composed, anchor)
     return F.mse_loss(u, target)
 
 

@@ -212,14 +212,16 @@ def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
     run = recipe.run("student")
     data = latent_set(recipe)
     tokenizer, encoder = load_text(recipe)
-    student = far_from_wan(load_teacher(recipe)).to(recipe.device)
+    teacher = load_teacher(recipe)
+    student = far_from_wan(teacher).to(recipe.device)
+    anchor = C.causal_teacher(teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
         x0, text, partition, gen = _data_step(
             recipe, data, tokenizer, encoder, i, salt=2
         )
-        loss = flowmap_loss(student, x0, text, partition, gen)
+        loss = flowmap_loss(student, anchor, x0, text, partition, gen)
         optimize(optimizer, loss)
         return {"flowmap": loss.item()}
 
@@ -317,7 +319,7 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         dmd = 0.5 * F.mse_loss(
             z, _dmd_target(real, fake, context, z, text, partition, gen)
         )
-        stage1 = flowmap_loss(student, x0, text, partition, gen)
+        stage1 = flowmap_loss(student, real, x0, text, partition, gen)
         optimize(opt_student, dmd + stage1)
 
         rollout = torch.cat([context, z.detach()], dim=1)
