@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -131,6 +132,26 @@ def test_bounded_memory_over_300_chunks(components):
     assert len(set(sizes[10:])) == 1, "cache bytes must be constant once the window is full"
     # 300 chunks = 898 latent frames, close to the 1024-frame RoPE table; positions stay compact.
     assert cache.context_frames == 1 + 4 * 3 + 2 * 3  # sink (the 1-frame first chunk) + window + full
+
+
+def test_bounded_cache_lives_in_fixed_slabs(components):
+    """Once the window is full every chunk sees the same shapes at the same addresses (what static-shape
+    compilation and CUDA graphs need), and writing the chunk's tokens into the slab changes no result."""
+    engine = StreamingEngine(components["transformer"], components["scheduler"])
+    text = TextCondition(torch.randn(1, 16, 32))
+    cache = engine.new_cache(LATENT, 3, SinkWindow(sink=1, window=1))
+    seen = []
+    for index in range(8):
+        noise = torch.randn(1, 1 if index == 0 else 3, 16, *LATENT)
+        z = engine.denoise(cache, noise, text, 2)
+        slabbed, cache.layers = cache.layers, [dataclasses.replace(layer, room=None) for layer in cache.layers]
+        torch.testing.assert_close(engine.denoise(cache, noise, text, 2), z, atol=0, rtol=0)
+        cache.layers = slabbed
+        engine.commit(cache, z, text)
+        layer = cache.layers[0]
+        assert layer.room[0].shape[2] == cache.capacity_tokens >= layer.keys.shape[2] + 3 * 16
+        seen.append((tuple(layer.keys.shape), layer.keys.data_ptr(), layer.room[0].data_ptr(), cache.nbytes))
+    assert len(set(seen[3:])) == 1 and len(set(s[1] for s in seen)) == 1
 
 
 def test_unbounded_window_fails_clearly_past_rope_table(components):

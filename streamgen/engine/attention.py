@@ -19,6 +19,7 @@ from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalA
 from torch.nn.attention.flex_attention import BlockMask
 
 from .cache import LayerContext
+from .positions import rotate
 
 try:  # optional extra `flash`; SDPA is the fallback everywhere
     from flash_attn import flash_attn_func
@@ -61,9 +62,8 @@ class StreamingAttnProcessor:
         if isinstance(kv_cache, LayerContext):
             if kv_cache_flag:
                 kv_cache.new_keys, kv_cache.new_values = k, v
-            q, k = apply_rotary_emb(q, rotary_emb), apply_rotary_emb(k, rotary_emb)
-            k = torch.cat([kv_cache.keys, k], dim=2)
-            v = torch.cat([kv_cache.values, v], dim=2)
+            q, k = rotate(q, rotary_emb), rotate(k, rotary_emb)
+            k, v = kv_cache.with_tokens(k, v)
             if kv_cache.reference_padding and not kv_cache_flag:
                 # diffusers pads a chunk's queries to 128 tokens with zero keys/values that, unmasked on its
                 # inference path, take part in the softmax. Reproduced only to compare against it.

@@ -103,7 +103,7 @@ def _context(
         layers.append(LayerContext(keys, values))
     if len(set(lengths)) == 1:
         return layers, None
-    tokens = requests[0].noise.shape[1] * _tokens_per_frame(engine, requests[0].cache)
+    tokens = requests[0].noise.shape[1] * requests[0].cache.tokens_per_frame[0]
     mask = torch.ones(sum(rows), 1, 1, longest + tokens, dtype=torch.bool, device=engine.device)
     start = 0
     for length, count in zip(lengths, rows):
@@ -111,7 +111,3 @@ def _context(
         start += count
     return layers, mask
 
-
-def _tokens_per_frame(engine: StreamingEngine, cache: KVCache) -> int:
-    h, w = engine._grid(cache, False)
-    return h * w

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
-from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_emb
 
 from ..config import check_steps
 from . import attention
 from .cache import CachedChunk, KVCache, LayerContext, SinkWindow
-from .positions import rope_frequencies
+from .positions import rope_frequencies, rotate
 
 
 @dataclass
@@ -134,7 +133,8 @@ class StreamingEngine:
         down = self.config.compressed_patch_size
         if h <= 0 or w <= 0 or h % down[1] or w % down[2]:
             raise ValueError(f"latent size {h}x{w} must be positive multiples of {down[1]}x{down[2]}")
-        return KVCache(policy, self.config.full_chunk_limit - 1, (h, w), max_chunk_frames)
+        tokens = tuple(a * b for a, b in (self._grid((h, w), False), self._grid((h, w), True)))
+        return KVCache(policy, self.config.full_chunk_limit - 1, (h, w), max_chunk_frames, tokens)
 
     def schedule(self, steps: int) -> list[FlowStep]:
         key = (steps, self.device)
@@ -145,7 +145,7 @@ class StreamingEngine:
     def rope(self, cache: KVCache, start: int, frames: int, compressed: bool) -> torch.Tensor:
         """RoPE frequencies of frames `start .. start + frames - 1`, cached on the device: once a stream's window is
         full, every chunk asks for the same few."""
-        grid = self._grid(cache, compressed)
+        grid = self._grid(cache.latent_size, compressed)
         key = (start, frames, compressed, grid, self.device)
         if key not in self._freqs:
             if len(self._freqs) >= _FREQS_CACHE_SIZE:  # a bound, should many resolutions share the engine
@@ -228,10 +228,19 @@ class StreamingEngine:
             for chunk, keys, values in zip(chunks, layer.new_keys.split(sizes, 2), layer.new_values.split(sizes, 2)):
                 chunk.keys.append(keys)
                 chunk.values.append(values)
-        cache.layers = self._assemble(cache, cache.compressed + cache.full, text)
+        cache.place(*self._rotated(cache, cache.compressed + cache.full, text), self.reference_padding)
 
     def _assemble(self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition) -> list[LayerContext]:
         """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, concatenated."""
+        keys, values = self._rotated(cache, chunks, text)
+        return [
+            LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), self.reference_padding) for k, v in zip(keys, values)
+        ]
+
+    def _rotated(
+        self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition
+    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, in order."""
         cfg = self.config
         batch = text.model_input.shape[0]
         empty = torch.zeros(batch, cfg.num_attention_heads, 0, cfg.attention_head_dim, dtype=self.dtype, device=self.device)
@@ -242,11 +251,9 @@ class StreamingEngine:
             freqs = self.rope(cache, start, chunk.frames, chunk in cache.compressed)
             start += chunk.frames
             for layer in range(len(self.transformer.blocks)):
-                keys[layer].append(apply_rotary_emb(chunk.keys[layer], freqs))
+                keys[layer].append(rotate(chunk.keys[layer], freqs))
                 values[layer].append(chunk.values[layer])
-        return [
-            LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), self.reference_padding) for k, v in zip(keys, values)
-        ]
+        return keys, values
 
     def _forward(
         self,
@@ -285,9 +292,10 @@ class StreamingEngine:
         out = model.proj_out(hidden)
         return model._unpack_latent_sequence(out, pieces[0].latents.shape[1], h, w, patch[1])
 
-    def _grid(self, cache: KVCache, compressed: bool) -> tuple[int, int]:
+    def _grid(self, latent_size: tuple[int, int], compressed: bool) -> tuple[int, int]:
+        """Tokens per frame along height and width at full or compressed resolution."""
         patch = self.config.compressed_patch_size if compressed else self.config.patch_size
-        return cache.latent_size[0] // patch[1], cache.latent_size[1] // patch[2]
+        return latent_size[0] // patch[1], latent_size[1] // patch[2]
 
     def _check_latents(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
         """Reject what would otherwise fail deep inside the model, or silently compute nonsense."""

@@ -14,6 +14,18 @@ import torch
 from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed
 
 
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE on `(B, heads, L, dim)` with real `(cos, sin)` tables from `rope_frequencies`.
+
+    The same rotation as diffusers' `apply_rotary_emb` (interleaved pairs), in float32 real arithmetic instead of
+    complex128: GPUs run float64 slowly, and `torch.compile` fuses real ops but breaks its graph on complex ones.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = freqs.unbind(-1)
+    even, odd = pairs.unbind(-1)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
+
+
 def rope_frequencies(
     rope: AnyFlowCausalRotaryPosEmbed,
     positions: torch.Tensor,
@@ -21,7 +33,8 @@ def rope_frequencies(
     compressed: bool,
     device: torch.device,
 ) -> torch.Tensor:
-    """Complex frequencies `(1, 1, len(positions) * h * w, dim / 2)` for tokens of the given frame positions.
+    """`(cos, sin)` tables `(1, 1, len(positions) * h * w, dim / 2, 2)`, float32, for tokens of the given frame
+    positions (`rotate` applies them).
 
     `grid` is the token grid of one frame (full: latent / 2, compressed: latent / 4); compressed frequencies are
     complex-average-pooled over the patch as diffusers does, so both resolutions agree on where a pixel is.
@@ -37,7 +50,8 @@ def rope_frequencies(
     f = parts[0][positions.to(device)].view(frames, 1, 1, -1).expand(frames, h, w, -1)
     y = parts[1][:h].view(1, h, 1, -1).expand(frames, h, w, -1)
     x = parts[2][:w].view(1, 1, w, -1).expand(frames, h, w, -1)
-    return torch.cat([f, y, x], dim=-1).flatten(0, 2)[None, None]
+    angles = torch.cat([f, y, x], dim=-1).flatten(0, 2)[None, None]
+    return torch.view_as_real(angles).float()
 
 
 @lru_cache(maxsize=16)

@@ -29,6 +29,7 @@ from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
 from .loop import Run, generator, optimize
 from .losses import (
+    TEACHER_STEPS,
     causal_velocity,
     consistency_loss,
     flow_matching_loss,
@@ -241,7 +242,7 @@ def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
     teacher = C.causal_teacher(load_teacher(recipe))
     model = copy.deepcopy(teacher).requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    grid = _sigmas(teacher, 32)
+    grid = _sigmas(teacher, TEACHER_STEPS)
 
     def step(i: int) -> dict[str, float]:
         x0, text, partition, gen = _data_step(
