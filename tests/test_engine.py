@@ -8,10 +8,12 @@ import dataclasses
 import pytest
 import torch
 from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, WanTransformer3DModel
+from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_emb
 
 from streamgen import presets
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.engine.attention import StreamingAttnProcessor
+from streamgen.engine.positions import rope_frequencies, rotate
 from streamgen.models import load_transformer
 
 PARTITION = [1, 3, 3, 3]
@@ -132,6 +134,17 @@ def test_bounded_memory_over_300_chunks(components):
     assert len(set(sizes[10:])) == 1, "cache bytes must be constant once the window is full"
     # 300 chunks = 898 latent frames, close to the 1024-frame RoPE table; positions stay compact.
     assert cache.context_frames == 1 + 4 * 3 + 2 * 3  # sink (the 1-frame first chunk) + window + full
+
+
+def test_real_rotation_equals_diffusers_complex_rope(components):
+    rope = components["transformer"].rope
+    for compressed in (False, True):
+        grid = (2, 2) if compressed else (4, 4)
+        positions = torch.tensor([0, 5, 9])
+        x = torch.randn(2, 2, len(positions) * grid[0] * grid[1], 12)
+        table = rope_frequencies(rope, positions, grid, compressed, torch.device("cpu"))
+        expected = apply_rotary_emb(x, torch.view_as_complex(table.double().contiguous()))
+        torch.testing.assert_close(rotate(x, table), expected, atol=1e-6, rtol=0)
 
 
 def test_bounded_cache_lives_in_fixed_slabs(components):

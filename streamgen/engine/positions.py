@@ -18,7 +18,8 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """RoPE on `(B, heads, L, dim)` with real `(cos, sin)` tables from `rope_frequencies`.
 
     The same rotation as diffusers' `apply_rotary_emb` (interleaved pairs), in float32 real arithmetic instead of
-    complex128: GPUs run float64 slowly, and `torch.compile` fuses real ops but breaks its graph on complex ones.
+    complex128: GPUs run float64 slowly, and `torch.compile`'s code generator falls back to eager kernels for
+    complex arithmetic instead of fusing it.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     cos, sin = freqs.unbind(-1)
