@@ -21,7 +21,7 @@ from .components import shifted_sigmas
 from .data import CHUNKS
 
 _SCALE = 1000.0  # the scheduler's num_train_timesteps
-# Teacher Euler steps over [0, 1] in distillation targets: stage 1's longest teacher step is 1 / TEACHER_STEPS, and
+# Teacher Euler steps over [0, 1] in distillation targets: stage 1's teacher step is at most 1 / TEACHER_STEPS, and
 # the consistency baseline's grid has as many steps.
 TEACHER_STEPS = 32
 
@@ -175,41 +175,29 @@ def flowmap_loss(
 ) -> torch.Tensor:
     """Stage-1 forward flow-map loss on teacher-forced data chunks, distilling the teacher's flow map.
 
-    Every target rests on the flow map's semigroup identity, the finite form of MeanFlow's u = v - (t - r) du/dt:
-    jumping t -> s -> r equals jumping t -> r, so u(z_t, t, r) = ((t - s) u(z_t, t, s) + (s - r) u(z_s, s, r)) /
-    (t - r), every term without gradient. Per chunk, one of three forms:
-
-    * r = t: the teacher's velocity v(z_t, t) (`teacher` is `components.causal_teacher`, same layout);
-    * half the others, teacher-linked: the first piece is one teacher Euler step of at most 1 / `TEACHER_STEPS`
-      (s = max(r, t - 1 / TEACHER_STEPS)), the rest the model's own jump, as consistency distillation does for r = 0.
-      Jumps shorter than the step are the teacher's Euler steps, so many small jumps follow the teacher's ODE:
-      what makes quality rise with the step count. Anchoring only r = t did not (the model fitted the anchor
-      and, just beside it, a consistent flow map of a different field; docs/training.md);
-    * the other half, self-composed: s uniform in [r, t], both pieces from the model, which carries the
-      teacher's short jumps to long ones in one step instead of a chain of them.
-
-    The derivative form, with du/dt a finite difference of the model, diverged here (its error grows with the
-    time embedding's frequency over the step; see docs/training.md).
+    The target is the flow map's semigroup identity, the finite form of MeanFlow's u = v - (t - r) du/dt: jumping
+    t -> s -> r equals jumping t -> r, so u(z_t, t, r) = ((t - s) v(z_t, t) + (s - r) u(z_s, s, r)) / (t - r)
+    with the first piece one teacher Euler step (`teacher` is `components.causal_teacher`, same layout) of at
+    most 1 / TEACHER_STEPS, s = max(r, t - 1 / TEACHER_STEPS), and the rest the model's own jump, without
+    gradient: consistency distillation's target, for every r instead of r = 0 only. Jumps shorter than the step
+    regress the teacher's velocity itself, so many small jumps follow the teacher's ODE: what makes quality rise
+    with the step count. Weaker links to the teacher lost that (docs/training.md): the velocity at r = t alone,
+    or half the targets composed of two of the model's own jumps, converged to a flow map of a field of its own.
+    The derivative form, with du/dt a finite difference of the model, diverged.
     """
     device = x0.device
-    chunks = (x0.shape[0], len(partition))
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t, r = (x.to(device) for x in sample_times(x0.shape[0], partition, gen))
-    linked = per_frame(torch.rand(chunks, generator=gen) < 0.5, partition).to(device)
-    spread = per_frame(torch.rand(chunks, generator=gen), partition).to(device)
-    s = torch.where(linked, torch.maximum(r, t - 1 / TEACHER_STEPS), r + (t - r) * spread)
+    s = torch.maximum(r, t - 1 / TEACHER_STEPS)
     z = (1 - _b(t)) * x0 + _b(t) * noise
     c = _compressed_frames(model, partition)
     u = causal_velocity(model, z, x0, t, r, text, partition)
     with torch.no_grad():
         velocity = causal_velocity(teacher, z, x0, t, t, text, partition)
-        first = torch.where(
-            _b(linked[:, c:]), velocity, causal_velocity(model, z, x0, t, s, text, partition)
-        )
-        z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * first], dim=1)
-        second = causal_velocity(model, z_s, x0, s, r, text, partition)
+        z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * velocity], dim=1)
+        rest = causal_velocity(model, z_s, x0, s, r, text, partition)
         t, s, r = (_b(x[:, c:]) for x in (t, s, r))
-        composed = ((t - s) * first + (s - r) * second) / (t - r).clamp_min(1e-6)
+        composed = ((t - s) * velocity + (s - r) * rest) / (t - r).clamp_min(1e-6)
         target = torch.where(t - r > 1e-4, composed, velocity)
     return F.mse_loss(u, target)
 
