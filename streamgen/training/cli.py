@@ -28,8 +28,9 @@ TRAINERS = {
     "distill": stages.train_distill,
     "consistency": stages.train_consistency,
 }
-# `all` exports right after stage 1, so a usable default model exists long before stage 2 ends.
-ALL = ("vae", "teacher", "student", "export", "distill", "export", "consistency")
+# `all` exports stage 1, the shipped model (stage 2 measured worse here: docs/training.md), then trains stage 2
+# and the consistency baseline for the quality benchmark.
+ALL = ("vae", "teacher", "student", "export", "distill", "consistency")
 
 
 def main(argv: list[str]) -> int:
@@ -62,7 +63,8 @@ def main(argv: list[str]) -> int:
         "--from",
         dest="source",
         choices=["student", "distill", "consistency"],
-        help="which transformer 'export' ships (default: distill if finished, else student)",
+        default="student",
+        help="which transformer 'export' ships (default: student, i.e. stage 1)",
     )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
@@ -107,7 +109,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_stage(
-    recipe: Recipe, stage: str, steps: int, source: str | None = None
+    recipe: Recipe, stage: str, steps: int, source: str = "student"
 ) -> None:
     """Run one stage (skipped when already finished) and append its wall time and final losses to `summary.jsonl`."""
     began = time.perf_counter()
