@@ -89,6 +89,13 @@ class LayerContext:
         return slab_keys[:, :, :end], slab_values[:, :, :end]
 
 
+def concatenated(
+    keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]], reference_padding: bool
+) -> list[LayerContext]:
+    """Per layer, the chunks' rotated keys and values joined into one context."""
+    return [LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), reference_padding) for k, v in zip(keys, values)]
+
+
 class KVCache:
     """Compressed and full-resolution context of one stream, with its eviction policy and byte count.
 
@@ -147,9 +154,7 @@ class KVCache:
         """
         capacity = self.capacity_tokens
         if capacity is None:
-            self.layers = [
-                LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), reference_padding) for k, v in zip(keys, values)
-            ]
+            self.layers = concatenated(keys, values, reference_padding)
             return
         first = keys[0][0]
         shape = (*first.shape[:2], capacity, first.shape[3])
@@ -162,9 +167,9 @@ class KVCache:
                 slab_keys[:, :, end : end + k.shape[2]] = k
                 slab_values[:, :, end : end + k.shape[2]] = v
                 end += k.shape[2]
-            context = LayerContext(slab_keys[:, :, :end], slab_values[:, :, :end], reference_padding)
-            context.room = (slab_keys, slab_values)
-            self.layers.append(context)
+            self.layers.append(
+                LayerContext(slab_keys[:, :, :end], slab_values[:, :, :end], reference_padding, (slab_keys, slab_values))
+            )
 
     def evict(self) -> None:
         for index in reversed(self.policy.evict(len(self.compressed))):

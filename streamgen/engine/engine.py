@@ -21,7 +21,7 @@ from diffusers import FlowMapEulerDiscreteScheduler
 
 from ..config import check_steps
 from . import attention
-from .cache import CachedChunk, KVCache, LayerContext, SinkWindow
+from .cache import CachedChunk, KVCache, LayerContext, SinkWindow, concatenated
 from .positions import rope_frequencies, rotate
 
 
@@ -232,10 +232,7 @@ class StreamingEngine:
 
     def _assemble(self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition) -> list[LayerContext]:
         """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, concatenated."""
-        keys, values = self._rotated(cache, chunks, text)
-        return [
-            LayerContext(torch.cat(k, dim=2), torch.cat(v, dim=2), self.reference_padding) for k, v in zip(keys, values)
-        ]
+        return concatenated(*self._rotated(cache, chunks, text), self.reference_padding)
 
     def _rotated(
         self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition
