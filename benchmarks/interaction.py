@@ -90,20 +90,6 @@ DRIVE = """async ({starts, changes, steps, session}) => {
   return result;
 }"""
 
-# The page before it reported displayed frames itself: the benchmark reads them off the <video> element.
-DISPLAYED_FALLBACK = """() => {
-  const player = window.streamgen, video = document.getElementById("video");
-  if (player.displayed) return;
-  player.displayed = [];
-  const fps = () => player.ready?.fps ?? 16;
-  const onFrame = (now, meta) => {
-    player.displayed.push([now, Math.round(meta.mediaTime * fps())]);
-    video.requestVideoFrameCallback(onFrame);
-  };
-  video.requestVideoFrameCallback(onFrame);
-}"""
-
-
 def summary(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
@@ -120,7 +106,6 @@ async def run_sessions(url: str, count: int, args: argparse.Namespace) -> dict:
                 page = await browser.new_page()
                 await page.goto(f"{url}?prompt=session%20{i}%3A%20a%20red%20fox&steps={args.steps}{args.query}")
                 await page.wait_for_function("() => window.streamgen?.state === 'idle'", timeout=60_000)
-                await page.evaluate(DISPLAYED_FALLBACK)
                 pages.append(page)
             options = {"starts": args.starts, "changes": args.changes, "steps": args.steps}
             runs = await asyncio.gather(

@@ -1,5 +1,6 @@
 """The web page in a real browser: Debian's headless Chromium plays the live stream through Media Source Extensions
-and drives the session with the page's own controls. Loopback only; every wait is bounded."""
+(the page's fallback; its WebCodecs player: test_interaction_browser.py) and drives the session with the page's own
+controls. Loopback only; every wait is bounded."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_page_plays_and_controls_the_live_stream(pipe, page, tmp_path: Path) -> 
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     with serve_in_thread(pipe) as server:
-        page.goto(server.url + "?prompt=a%20red%20ball&steps=1&autoplay=1")
+        page.goto(server.url + "?prompt=a%20red%20ball&steps=1&autoplay=1&player=mse")  # WebCodecs: its own test
         page.wait_for_function(f"() => {DECODED} > 12", timeout=WAIT_MS)  # playing: muted autoplay worked
         decoded = page.evaluate(f"() => {DECODED}")
         page.wait_for_function(f"() => {DECODED} > {decoded}", timeout=WAIT_MS)  # and still going

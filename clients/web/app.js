@@ -1,16 +1,16 @@
-// streamgen live player: protocol v1 (docs/protocol.md) over a websocket, fragmented MP4 into Media Source
-// Extensions. URL parameters: prompt, steps, seed, token, autoplay=1 (starts the stream by itself, muted).
+// streamgen live player: protocol v1 (docs/protocol.md) over a websocket; the media goes to player.js (WebCodecs,
+// else Media Source Extensions). URL parameters: prompt, steps, seed, token, autoplay=1 (starts the stream by
+// itself, muted), player=mse (skip WebCodecs).
 "use strict";
 
 const STAGES = { transformer: "#6ea8ff", cache: "#a98bff", decode: "#4cc38a", encode: "#f0b44c", send: "#f06a6a" };
-const KEEP_BEHIND_S = 20; // played video kept in the source buffer; older is removed
-const MAX_LAG_S = 3; // further behind the live edge than this (a hidden tab), playback jumps forward
+const DISPLAYED_KEPT = 600; // entries of `player.displayed` kept
 const FPS_WINDOW_S = 3; // received fps is averaged over this many seconds
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const ui = {
-  status: $("status"), video: $("video"), overlay: $("overlay"), info: $("info"),
+  status: $("status"), video: $("video"), canvas: $("canvas"), overlay: $("overlay"), info: $("info"),
   prompt: $("prompt"), steps: $("steps"), stepsValue: $("steps-value"), file: $("file"),
   start: $("start"), pause: $("pause"), stop: $("stop"),
   fps: $("stat-fps"), gen: $("stat-gen"), played: $("stat-played"), ahead: $("stat-ahead"),
@@ -20,7 +20,8 @@ const ui = {
 // One connection and at most one session; exposed for tests and the console.
 const player = {
   ws: null, state: "connecting", ready: null, header: null,
-  media: null, buffer: null, pending: [], received: [], chunks: 0, last: null, autoplay: params.get("autoplay") === "1",
+  media: null, early: [], received: [], chunks: 0, last: null, autoplay: params.get("autoplay") === "1",
+  displayed: [], // [performance.now(), frame number] of each frame shown, latest last
 };
 window.streamgen = player;
 
@@ -61,7 +62,7 @@ function onEvent(msg) {
       ui.overlay.textContent = `Every slot is busy: you are number ${msg.position} in line`;
       break;
     case "started":
-      openMedia(msg.codec);
+      openMedia(msg);
       ui.overlay.hidden = true;
       ui.info.textContent = [msg.mode, `${msg.width}×${msg.height}`, `${msg.fps} fps`, msg.codec, `seed ${msg.seed}`]
         .join(" · ");
@@ -95,8 +96,8 @@ function onMedia(data) {
   player.header = null;
   if (!header) return;
   if (header.kind !== "init") player.received.push([performance.now(), header.frames]);
-  player.pending.push(data);
-  pump();
+  if (player.media) player.media.append(data, header);
+  else player.early.push([data, header]); // while the player is being chosen
 }
 
 // -- commands -----------------------------------------------------------------------------------------------
@@ -133,39 +134,21 @@ ui.prompt.onkeydown = (e) => {
 };
 
 // -- media ----------------------------------------------------------------------------------------------------
-function openMedia(codec) {
-  const mime = `video/mp4; codecs="${codec}"`;
-  if (!window.MediaSource || !MediaSource.isTypeSupported(mime)) {
-    return showMessage(`This browser cannot play ${mime}.`);
+async function openMedia({ codec, fps }) {
+  player.media?.close();
+  Object.assign(player, { media: null, early: [], received: [], chunks: 0, displayed: [] });
+  const onDisplayed = (frame) => {
+    player.displayed.push([performance.now(), frame]);
+    if (player.displayed.length > DISPLAYED_KEPT) player.displayed.splice(0, DISPLAYED_KEPT / 2);
+  };
+  try {
+    player.media = await createPlayer({
+      canvas: ui.canvas, video: ui.video, codec, fps, prefer: params.get("player"), onDisplayed, onError: showMessage,
+    });
+  } catch (e) {
+    return showMessage(e.message);
   }
-  const media = new MediaSource();
-  Object.assign(player, { media, buffer: null, pending: [], received: [], chunks: 0 });
-  ui.video.src = URL.createObjectURL(media);
-  media.addEventListener("sourceopen", () => {
-    URL.revokeObjectURL(ui.video.src);
-    const buffer = media.addSourceBuffer(mime);
-    buffer.mode = "segments"; // fragments carry their own timestamps
-    buffer.addEventListener("updateend", pump);
-    player.buffer = buffer;
-    pump();
-  }, { once: true });
-}
-
-// Appends one queued fragment at a time (a SourceBuffer takes one operation at a time), trims played video.
-function pump() {
-  const { buffer, media } = player;
-  if (!buffer || buffer.updating || media.readyState !== "open") return;
-  const video = ui.video;
-  if (buffer.buffered.length && video.currentTime - buffer.buffered.start(0) > 2 * KEEP_BEHIND_S) {
-    buffer.remove(0, video.currentTime - KEEP_BEHIND_S); // its updateend pumps again
-    return;
-  }
-  const data = player.pending.shift();
-  if (data) buffer.appendBuffer(data);
-  if (!buffer.buffered.length) return;
-  const end = buffer.buffered.end(buffer.buffered.length - 1);
-  if (end - video.currentTime > MAX_LAG_S) video.currentTime = end - 0.5;
-  if (video.paused) video.play().catch(() => {});
+  player.early.splice(0).forEach(([data, header]) => player.media.append(data, header));
 }
 
 // -- readouts -------------------------------------------------------------------------------------------------
@@ -192,11 +175,8 @@ setInterval(() => {
   player.received = player.received.filter(([time]) => now - time < FPS_WINDOW_S * 1000);
   const frames = player.received.reduce((sum, [, count]) => sum + count, 0);
   ui.fps.textContent = player.state === "live" ? (frames / FPS_WINDOW_S).toFixed(1) : "–";
-  const video = ui.video;
-  ui.played.textContent = video.getVideoPlaybackQuality?.().totalVideoFrames ?? "–";
-  const buffered = video.buffered;
-  const ahead = buffered.length ? buffered.end(buffered.length - 1) - video.currentTime : null;
-  ui.ahead.textContent = ahead === null ? "–" : Math.max(0, ahead).toFixed(1);
+  ui.played.textContent = player.media?.played ?? "–";
+  ui.ahead.textContent = player.media?.ahead.toFixed(1) ?? "–";
 }, 500);
 
 // -- state ----------------------------------------------------------------------------------------------------
