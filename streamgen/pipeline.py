@@ -45,15 +45,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class ChunkTiming:
-    """Where one chunk's time went, in seconds."""
+    """Where one chunk's time went, in seconds: the one per-chunk timing record of the library, the runner
+    (`streamgen.runtime`, which adds the H.264 encode), the server and the benchmarks."""
 
-    transformer: float = 0.0
+    transformer: float = 0.0  # the denoising forwards (a batched call's whole time for each of its chunks)
     cache: float = 0.0
     decode: float = 0.0
+    encode: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.transformer + self.cache + self.decode
+        return sum(getattr(self, stage) for stage in STAGES)
+
+
+STAGES = tuple(field.name for field in dataclasses.fields(ChunkTiming))  # the one list of stage names
 
 
 class StreamingPipeline:
@@ -176,17 +181,25 @@ class StreamingPipeline:
     def next_chunks(self, sessions: list["Session"], output_type: str = "np") -> list:
         """The next chunk of each session, denoised in one batched transformer call per step (`engine.batch`),
         then cached and decoded per session. Each gets what its own `next_chunk()` would have given it."""
+        first = [session.chunk_index == 0 for session in sessions]
+        plans = [session._begin(None, None, output_type) for session in sessions]
+        latents, seconds = self.denoise(sessions, plans)
+        outputs = []
+        for session, z, (steps, _), initial in zip(sessions, latents, plans, first):
+            timing = session._commit(z, seconds)
+            outputs.append(session._decode(z, steps, timing, output_type))
+            session._account(timing, steps, seconds / len(sessions), initial)
+        return outputs
+
+    def denoise(self, sessions: list["Session"], plans: list[tuple[int, torch.Tensor]]) -> tuple[list, float]:
+        """One batched denoise of each session's next chunk from its `(steps, noise)` plan (`Session._begin`):
+        the chunks' latents, and the seconds the call took (every session waited all of them)."""
         if len(set(map(id, sessions))) != len(sessions):
             raise ValueError("a session can contribute one chunk to a batch")
-        plans = [session._begin(None, None, output_type) for session in sessions]
         start = time.perf_counter()
         requests = [DenoiseRequest(s.cache, noise, s.text, steps) for s, (steps, noise) in zip(sessions, plans)]
         latents = denoise_batch(self.engine, requests)
-        seconds = _lap(start, self.device)
-        return [
-            session._finish(z, steps, seconds, seconds / len(sessions), output_type)
-            for session, z, (steps, _) in zip(sessions, latents, plans)
-        ]
+        return latents, _lap(start, self.device)
 
 
 class Session:
@@ -233,11 +246,15 @@ class Session:
         """Denoise, cache and decode the next chunk. Returns uint8 `(frames, H, W, 3)` ("np"), RGB in [-1, 1]
         `(1, 3, frames, H, W)` ("pt") or its latents `(1, F, C, h, w)` ("latent": not decoded, so a stream is
         either all latents or all frames). `steps=None` takes the adaptive budget's choice, else the config's."""
+        first = self.chunk_index == 0
         steps, noise = self._begin(steps, noise, output_type)
         start = time.perf_counter()
         latents = self.pipe.engine.denoise(self.cache, noise, self.text, steps)
         seconds = _lap(start, self.pipe.device)
-        return self._finish(latents, steps, seconds, seconds, output_type)
+        timing = self._commit(latents, seconds)
+        result = self._decode(latents, steps, timing, output_type)
+        self._account(timing, steps, seconds, first)
+        return result
 
     def set_prompt(self, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None) -> None:
         """Later chunks follow the new prompt; the cached context is re-encoded under it so the change is smooth."""
@@ -287,34 +304,40 @@ class Session:
             raise ValueError(f"noise for chunk {self.chunk_index} must have shape {shape}, got {tuple(noise.shape)}")
         return steps, noise.to(engine.device, engine.dtype)
 
-    def _finish(self, latents: torch.Tensor, steps: int, denoise: float, device_share: float, output_type: str):
-        """Cache and decode a denoised chunk and account its time. `denoise`: seconds this session waited for its
-        steps; `device_share`: its part of the device's time, less when the steps ran batched with others."""
+    def _commit(self, latents: torch.Tensor, denoise: float) -> ChunkTiming:
+        """Fold a denoised chunk into the cache; from here on the stream can denoise its next chunk. `denoise`:
+        seconds this session waited for its steps. Returns the chunk's timing so far."""
         engine = self.pipe.engine
-        timing = ChunkTiming(transformer=denoise)
         start = time.perf_counter()
         engine.commit(self.cache, latents, self.text)
-        timing.cache = _lap(start, engine.device)
+        self.chunk_index += 1
+        return ChunkTiming(transformer=denoise, cache=_lap(start, engine.device))
+
+    def _decode(self, latents: torch.Tensor, steps: int, timing: ChunkTiming, output_type: str):
+        """Decode a committed chunk. A stream's chunks are decoded in order, possibly while its next one denoises
+        (the decoder's state is its own)."""
         result = latents
         if output_type != "latent":
             start = time.perf_counter()
             video = self.decoder.decode(latents.to(self.pipe.vae.dtype))
             result = video if output_type == "pt" else to_uint8_frames(video.float())
-            timing.decode = _lap(start, engine.device)
+            timing.decode = _lap(start, self.pipe.device)
             self.frames_generated += video.shape[2]
         self.timing, self.last_steps = timing, steps
-        self._account(steps, device_share, device_share + timing.cache + timing.decode)
-        self.chunk_index += 1
         return result
 
-    def _account(self, steps: int, denoise: float, busy: float) -> None:
-        """Record this chunk's device time; tell the adaptive budget what the chunk and the other sessions cost."""
+    def _account(self, timing: ChunkTiming, steps: int, device_share: float, first: bool) -> None:
+        """Record a finished chunk's device time; tell the adaptive budget what it and the other sessions cost.
+        `device_share`: this session's part of its denoising time, less than `timing.transformer` when its steps
+        ran batched with other sessions'; the rest of `timing` is its own. `first`: the stream's first chunk, which
+        is shorter and has no deadline, so the budget does not learn from it."""
         usage = self.pipe.usage
+        busy = device_share + timing.total - timing.transformer
         usage.record(busy)
         (seen_busy, seen_chunks), self._usage_seen = self._usage_seen, (usage.busy, usage.chunks)
-        if self.budget is not None and self.chunk_index > 0:  # a stream's first chunk is shorter, has no deadline
+        if self.budget is not None and not first:
             others = max(0.0, usage.busy - seen_busy - busy)
-            self.budget.observe(ChunkReport(steps, denoise, busy, others, usage.chunks - seen_chunks))
+            self.budget.observe(ChunkReport(steps, device_share, busy, others, usage.chunks - seen_chunks))
 
     def _video_frames(self, latent_frames: int) -> int:
         """Video frames that `latent_frames` decode to at this point of the stream (the first latent gives one)."""

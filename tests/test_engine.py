@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_e
 from streamgen import presets
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.engine.attention import StreamingAttnProcessor
+from streamgen.engine.batch import DenoiseRequest, denoise_batch
 from streamgen.engine.positions import rope_frequencies, rotate
 from streamgen.models import load_transformer
 
@@ -149,7 +149,8 @@ def test_real_rotation_equals_diffusers_complex_rope(components):
 
 def test_bounded_cache_lives_in_fixed_slabs(components):
     """Once the window is full every chunk sees the same shapes at the same addresses (what static-shape
-    compilation and CUDA graphs need), and writing the chunk's tokens into the slab changes no result."""
+    compilation and CUDA graphs need), and writing the chunk's tokens into the slab changes no result: the
+    batched path, which concatenates instead, gives the same latents."""
     engine = StreamingEngine(components["transformer"], components["scheduler"])
     text = TextCondition(torch.randn(1, 16, 32))
     cache = engine.new_cache(LATENT, 3, SinkWindow(sink=1, window=1))
@@ -157,14 +158,32 @@ def test_bounded_cache_lives_in_fixed_slabs(components):
     for index in range(8):
         noise = torch.randn(1, 1 if index == 0 else 3, 16, *LATENT)
         z = engine.denoise(cache, noise, text, 2)
-        slabbed, cache.layers = cache.layers, [dataclasses.replace(layer, room=None) for layer in cache.layers]
-        torch.testing.assert_close(engine.denoise(cache, noise, text, 2), z, atol=0, rtol=0)
-        cache.layers = slabbed
+        torch.testing.assert_close(denoise_batch(engine, [DenoiseRequest(cache, noise, text, 2)])[0], z, atol=0, rtol=0)
         engine.commit(cache, z, text)
-        layer = cache.layers[0]
-        assert layer.room[0].shape[2] == cache.capacity_tokens >= layer.keys.shape[2] + 3 * 16
-        seen.append((tuple(layer.keys.shape), layer.keys.data_ptr(), layer.room[0].data_ptr(), cache.nbytes))
-    assert len(set(seen[3:])) == 1 and len(set(s[1] for s in seen)) == 1
+        keys = cache.storage[0][0]
+        assert keys.shape[2] == cache.capacity_tokens >= cache.length + 3 * 16
+        seen.append((cache.length, keys.data_ptr(), cache.nbytes))
+    assert len(set(seen[3:])) == 1
+
+
+def test_the_context_is_held_once(components):
+    """A bounded cache holds its slabs (one copy of the keys and values, pre-RoPE) and the retained latents, no
+    more; that is its capacity, known before the stream starts; chunks read their keys out of the slabs."""
+    engine = StreamingEngine(components["transformer"], components["scheduler"])
+    text = TextCondition(torch.randn(1, 16, 32))
+    cache = engine.new_cache(LATENT, 3, SinkWindow(sink=1, window=2))
+    capacity = engine.cache_bytes(cache, rows=1)
+    for index in range(8):
+        engine.commit(cache, engine.denoise(cache, torch.randn(1, 1 if index == 0 else 3, 16, *LATENT), text, 1), text)
+    layers, cfg = len(components["transformer"].blocks), components["transformer"].config
+    slab = 2 * layers * cfg.num_attention_heads * cache.capacity_tokens * cfg.attention_head_dim * 4
+    latents = sum(chunk.latents.numel() * 4 for chunk in cache.chunks)
+    assert cache.nbytes == slab + latents
+    # Capacity counts every retained chunk at its largest; here the sink is the 1-frame first chunk.
+    assert capacity == slab + (1 + 2 + cache.full_limit) * 3 * 16 * 8 * 8 * 4 == cache.nbytes + 2 * 16 * 8 * 8 * 4
+    start, end = cache.span(cache.full[-1])
+    assert cache.full[-1].keys[0].shape[2] == end - start == 3 * 16
+    assert cache.full[-1].keys[0].data_ptr() != cache.storage[0][0].data_ptr()  # a copy for inspection
 
 
 def test_unbounded_window_fails_clearly_past_rope_table(components):

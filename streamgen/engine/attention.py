@@ -3,9 +3,10 @@
 diffusers' causal processor needs flex attention with a `BlockMask`, which has no backward on CPU and cannot read
 a cache laid out our way. This processor serves three callers, all through the model's own block `forward`:
 
-* the streaming engine: `kv_cache` is a `LayerContext` (rotated context keys/values), `rotary_emb` the new tokens'
-  frequencies, `attention_mask` a dense chunk-causal mask or None; `kv_cache_flag=True` records the new tokens'
-  pre-RoPE keys/values so the engine can store them;
+* the streaming engine: `kv_cache` is a `LayerContext` (or `batch.BatchContext`) that joins the context's
+  pre-RoPE keys/values with the new tokens' and rotates them, `rotary_emb` the new tokens' frequencies,
+  `attention_mask` a dense chunk-causal mask or None; after a cache-writing forward (`kv_cache_flag=True`) the
+  joined keys/values are the cache's new context;
 * training: dense boolean `attention_mask` and diffusers' rotary dict, plain SDPA (differentiable on CPU);
 * diffusers' own FAR paths (a `BlockMask` or its dict cache): handed unchanged to diffusers' processor, so the
   reference pipeline still runs on the very same model object.
@@ -47,7 +48,7 @@ class StreamingAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | BlockMask | None = None,
         rotary_emb: torch.Tensor | dict[str, torch.Tensor] | None = None,
-        kv_cache: LayerContext | dict | None = None,
+        kv_cache: LayerContext | dict | None = None,  # or a `batch.BatchContext`
         kv_cache_flag: bool | dict | None = None,
     ) -> torch.Tensor:
         if isinstance(attention_mask, BlockMask) or isinstance(kv_cache, dict):
@@ -59,11 +60,9 @@ class StreamingAttnProcessor:
         k = attn.norm_k(attn.to_k(hidden_states)).to(dtype).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
 
-        if isinstance(kv_cache, LayerContext):
-            if kv_cache_flag:
-                kv_cache.new_keys, kv_cache.new_values = k, v
-            q, k = rotate(q, rotary_emb), rotate(k, rotary_emb)
-            k, v = kv_cache.with_tokens(k, v)
+        if kv_cache is not None:  # a `LayerContext` (or a batch of them): keys are cached before RoPE
+            q = rotate(q, rotary_emb)
+            k, v = kv_cache.with_tokens(k, v, rotary_emb)
             if kv_cache.reference_padding and not kv_cache_flag:
                 # diffusers pads a chunk's queries to 128 tokens with zero keys/values that, unmasked on its
                 # inference path, take part in the softmax. Reproduced only to compare against it.

@@ -5,6 +5,8 @@ running several together reads the weights once and fills the matrix units. A ba
 tokens per sample, so chunks are grouped by shape (latent frames and size); within a group:
 
 * contexts of different lengths are padded with zero keys/values to the longest, and the padding is masked;
+  each layer's padded batch is built as the layer reads it (`BatchContext`), so batching holds no second copy
+  of the sessions' contexts, only one layer's at a time;
 * each chunk has its own RoPE positions (it starts after its own context): per-sample frequencies;
 * different budgets run the same step index together with per-sample `(t, r)` (the model embeds timesteps per
   sample and frame, `(B, F)`); a session whose steps are done leaves the batch;
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, LayerContext
+from .positions import rotate
 from .engine import StreamingEngine, TextCondition, _Piece
 
 
@@ -53,12 +56,40 @@ def denoise_batch(engine: StreamingEngine, requests: list[DenoiseRequest]) -> li
     return out
 
 
+class BatchContext:
+    """One layer's context for a batch: each session's cached keys rotated at its own positions, padded to the
+    longest, then the chunks' tokens. The sessions still denoising are a prefix of the batch; how many rows a
+    call computes says which."""
+
+    reference_padding = False
+
+    def __init__(self, layers: list[LayerContext], rows: list[int], longest: int) -> None:
+        self.layers, self.rows, self.longest = layers, rows, longest
+
+    def with_tokens(
+        self, keys: torch.Tensor, values: torch.Tensor, freqs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        context_keys, context_values, computed = [], [], 0
+        for layer, rows in zip(self.layers, self.rows):
+            if computed == keys.shape[0]:
+                break
+            pad = (0, 0, 0, self.longest - layer.keys.shape[2])
+            context_keys.append(F.pad(rotate(layer.keys, layer.freqs), pad))
+            context_values.append(F.pad(layer.values, pad))
+            computed += rows
+        rotated = torch.cat([*context_keys], dim=0)
+        return (
+            torch.cat([rotated, rotate(keys, freqs)], dim=2),
+            torch.cat([torch.cat(context_values, dim=0), values], dim=2),
+        )
+
+
 def _denoise_group(engine: StreamingEngine, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
     plans = [engine.schedule(request.steps) for request in requests]
     rows = [request.text.model_input.shape[0] for request in requests]
     frames = requests[0].noise.shape[1]
-    layers, mask = _context(engine, requests, rows)
     freqs = [engine.rope(r.cache, r.cache.context_frames, frames, False) for r in requests]
+    layers, mask = _context(engine, requests, rows)
     if all(f is freqs[0] for f in freqs):  # same positions (windows full): broadcast one table
         freqs = freqs[0]
     else:
@@ -74,7 +105,7 @@ def _denoise_group(engine: StreamingEngine, requests: list[DenoiseRequest]) -> l
         t = torch.cat([step.t.expand(m, frames) for step, m in zip(steps, rows)])
         r = torch.cat([step.r.expand(m, frames) for step, m in zip(steps, rows)])
         u = engine._forward(
-            [LayerContext(layer.keys[:n], layer.values[:n]) for layer in layers],
+            layers,
             [_Piece(x, False)],
             t,
             r,
@@ -90,17 +121,17 @@ def _denoise_group(engine: StreamingEngine, requests: list[DenoiseRequest]) -> l
 
 def _context(
     engine: StreamingEngine, requests: list[DenoiseRequest], rows: list[int]
-) -> tuple[list[LayerContext], torch.Tensor | None]:
-    """Per layer, all sessions' context keys/values padded to the longest; the mask hides the padding (None when
+) -> tuple[list[BatchContext], torch.Tensor | None]:
+    """Per layer, all sessions' contexts, to be padded to the longest; the mask hides the padding (None when
     every context has the same length, so attention keeps its fastest kernels)."""
-    contexts = [engine.context(request.cache, request.text) for request in requests]
-    lengths = [context[0].keys.shape[2] for context in contexts]
+    contexts = []
+    for request in requests:
+        cache = request.cache
+        table = engine.context_freqs(cache, cache.chunks)
+        contexts.append([LayerContext(k, v, table) for k, v in engine.cached(cache, request.text)])
+    lengths = [request.cache.length for request in requests]
     longest = max(lengths)
-    layers = []
-    for per_session in zip(*contexts):
-        keys = torch.cat([F.pad(layer.keys, (0, 0, 0, longest - layer.keys.shape[2])) for layer in per_session])
-        values = torch.cat([F.pad(layer.values, (0, 0, 0, longest - layer.values.shape[2])) for layer in per_session])
-        layers.append(LayerContext(keys, values))
+    layers = [BatchContext(list(per_session), rows, longest) for per_session in zip(*contexts)]
     if len(set(lengths)) == 1:
         return layers, None
     tokens = requests[0].noise.shape[1] * requests[0].cache.tokens_per_frame[0]
@@ -110,4 +141,3 @@ def _context(
         mask[start : start + count, ..., length:longest] = False
         start += count
     return layers, mask
-

@@ -21,8 +21,8 @@ from diffusers import FlowMapEulerDiscreteScheduler
 
 from ..config import check_steps
 from . import attention
-from .cache import CachedChunk, KVCache, LayerContext, SinkWindow, concatenated
-from .positions import rope_frequencies, rotate
+from .cache import CachedChunk, KVCache, LayerContext, SinkWindow
+from .positions import rope_frequencies
 
 
 @dataclass
@@ -165,7 +165,7 @@ class StreamingEngine:
         """Denoise one chunk from its initial `noise` `(B, F, C, h, w)` in `steps` flow-map jumps."""
         self._check_latents(cache, noise, text)
         freqs = self.rope(cache, cache.context_frames, noise.shape[1], False)
-        layers = self.context(cache, text)
+        layers = self.context(cache, text, freqs)
         z = noise
         for step in self.schedule(steps):
             x = text.batch(z)
@@ -174,18 +174,36 @@ class StreamingEngine:
             z = step.jump(z, text.combine(self._forward(layers, [_Piece(x, False)], t, r, text, freqs, None, False)))
         return z
 
-    def context(self, cache: KVCache, text: TextCondition) -> list[LayerContext]:
-        """What a chunk's tokens attend to besides themselves, per layer (empty before the first commit)."""
-        return cache.layers or self._assemble(cache, [], text)
+    def context(self, cache: KVCache, text: TextCondition, freqs: torch.Tensor) -> list[LayerContext]:
+        """What a chunk's tokens, whose RoPE table is `freqs`, attend to besides themselves, per layer (an empty
+        context before the first commit)."""
+        table = torch.cat([self.context_freqs(cache, cache.chunks), freqs], dim=2)
+        return self._layers(cache, cache.length, table, text)
+
+    def context_freqs(self, cache: KVCache, chunks: list[CachedChunk]) -> torch.Tensor:
+        """The RoPE table of retained `chunks` laid out in order at compact positions 0, 1, ..."""
+        tables, start = [], 0
+        for chunk in chunks:
+            tables.append(self.rope(cache, start, chunk.frames, chunk in cache.compressed))
+            start += chunk.frames
+        if not tables:
+            return self.rope(cache, 0, 1, False)[:, :, :0]
+        return torch.cat(tables, dim=2)
+
+    def cache_bytes(self, cache: KVCache, rows: int) -> int:
+        """The most bytes `cache` will hold for a stream of `rows` batch rows (2 with guidance): its capacity."""
+        cfg = self.config
+        layers = len(self.transformer.blocks)
+        return cache.capacity_bytes(layers, rows, cfg.num_attention_heads, cfg.attention_head_dim, self.dtype, cfg.in_channels)
 
     @torch.no_grad()
     def commit(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
         """Append a finished chunk's clean latents: demote, evict, encode the new keys/values (one forward)."""
         self._check_latents(cache, latents, text)
-        cache.full.append(CachedChunk(latents))
+        cache.full.append(CachedChunk(latents, cache))
         demoted = cache.full[: -cache.full_limit] if cache.full_limit else cache.full[:]
         cache.full = cache.full[len(demoted) :]
-        cache.compressed.extend(CachedChunk(chunk.latents) for chunk in demoted)  # re-encoded compressed
+        cache.compressed.extend(CachedChunk(chunk.latents, cache) for chunk in demoted)  # re-encoded compressed
         cache.evict()
         self._encode(cache, text)
         cache.chunks_committed += 1
@@ -193,64 +211,51 @@ class StreamingEngine:
     @torch.no_grad()
     def recache(self, cache: KVCache, text: TextCondition) -> None:
         """Re-encode every retained chunk under new text (LongLive's KV re-cache for a prompt switch)."""
-        for chunk in (*cache.compressed, *cache.full):
-            chunk.keys.clear()
-            chunk.values.clear()
-        if cache.compressed or cache.full:
+        cache.encoded = 0
+        if cache.chunks:
             self._encode(cache, text)
 
     def _encode(self, cache: KVCache, text: TextCondition) -> None:
-        """Encode at t = r = 0 the compressed chunks without keys and all full chunks, against the rest."""
-        context = [c for c in cache.compressed if c.keys]
-        new = [c for c in cache.compressed if not c.keys]
-        pieces = [_Piece(text.batch(c.latents), True) for c in new]
-        pieces += [_Piece(text.batch(c.latents), False) for c in cache.full]
-        chunks = new + cache.full
+        """Encode at t = r = 0 the compressed chunks not yet encoded and all full chunks, against the rest; their
+        keys/values land in the cache right behind the encoded context."""
+        context = cache.compressed[: cache.encoded]
+        chunks = cache.compressed[cache.encoded :] + cache.full
+        pieces = [_Piece(text.batch(c.latents), c in cache.compressed) for c in chunks]
 
         start = sum(c.frames for c in context)
-        freqs, sizes, chunk_ids = [], [], []
+        freqs, chunk_ids = [], []
         for index, (chunk, piece) in enumerate(zip(chunks, pieces)):
             freqs.append(self.rope(cache, start, chunk.frames, piece.compressed))
             start += chunk.frames
-            sizes.append(freqs[-1].shape[2])
-            chunk_ids.append(torch.full((sizes[-1],), index, device=self.device))
+            chunk_ids.append(torch.full((freqs[-1].shape[2],), index, device=self.device))
         ids = torch.cat(chunk_ids)
-        layers = self._assemble(cache, context, text)
-        visible = torch.ones(len(ids), layers[0].keys.shape[2], dtype=torch.bool, device=self.device)
+        prefix = sum(cache.tokens(c) for c in context)
+        layers = self._layers(cache, prefix, torch.cat([self.context_freqs(cache, context), *freqs], dim=2), text)
+        visible = torch.ones(len(ids), prefix, dtype=torch.bool, device=self.device)
         mask = torch.cat([visible, ids[:, None] >= ids[None, :]], dim=1)
 
         frames = sum(c.frames for c in chunks)
         zeros = torch.zeros(pieces[0].latents.shape[0], frames, dtype=torch.float64, device=self.device)
         self._forward(layers, pieces, zeros, zeros, text, torch.cat(freqs, dim=2), mask, True)
-        for chunk in chunks:
-            chunk.keys, chunk.values = [], []
-        for layer in layers:
-            for chunk, keys, values in zip(chunks, layer.new_keys.split(sizes, 2), layer.new_values.split(sizes, 2)):
-                chunk.keys.append(keys)
-                chunk.values.append(values)
-        cache.place(*self._rotated(cache, cache.compressed + cache.full, text), self.reference_padding)
+        cache.store([layer.joined for layer in layers])
 
-    def _assemble(self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition) -> list[LayerContext]:
-        """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, concatenated."""
-        return concatenated(*self._rotated(cache, chunks, text), self.reference_padding)
-
-    def _rotated(
-        self, cache: KVCache, chunks: list[CachedChunk], text: TextCondition
-    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-        """Per layer, the chunks' keys rotated to compact positions 0, 1, ... and their values, in order."""
-        cfg = self.config
-        batch = text.model_input.shape[0]
+    def cached(self, cache: KVCache, text: TextCondition, prefix: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the first `prefix` tokens (default: all) of the cached context, pre-RoPE keys and values;
+        empty before the first commit."""
+        if cache.storage:
+            return cache.context(prefix)
+        cfg, batch = self.config, text.model_input.shape[0]
         empty = torch.zeros(batch, cfg.num_attention_heads, 0, cfg.attention_head_dim, dtype=self.dtype, device=self.device)
-        keys = [[empty] for _ in self.transformer.blocks]
-        values = [[empty] for _ in self.transformer.blocks]
-        start = 0
-        for chunk in chunks:
-            freqs = self.rope(cache, start, chunk.frames, chunk in cache.compressed)
-            start += chunk.frames
-            for layer in range(len(self.transformer.blocks)):
-                keys[layer].append(rotate(chunk.keys[layer], freqs))
-                values[layer].append(chunk.values[layer])
-        return keys, values
+        return [(empty, empty)] * len(self.transformer.blocks)
+
+    def _layers(self, cache: KVCache, prefix: int, table: torch.Tensor, text: TextCondition) -> list[LayerContext]:
+        """Per layer, the first `prefix` context tokens as a forward reads them; `table`: RoPE of the context and
+        of the tokens the forward computes."""
+        context = self.cached(cache, text, prefix)
+        slabs = cache.slabs(context[0][0], len(context))
+        if slabs is None:
+            return [LayerContext(k, v, table, self.reference_padding) for k, v in context]
+        return [LayerContext(k[:, :, :prefix], v[:, :, :prefix], table, self.reference_padding, (k, v)) for k, v in slabs]
 
     def _forward(
         self,

@@ -1,0 +1,262 @@
+"""The chunk runner: every driver of generation (the server's scheduler, `streamgen bench`, the benchmarks) runs
+its streams' chunks through one `Runner`.
+
+A turn takes the streams that are ready and, for each, chooses its budget: a fixed step count, or "auto", the most
+steps that hold its target rate given what the device really spends on every stream of this runner
+(`streamgen.budget`). It runs one batched denoise across them (`engine.batch`: different prompts, budgets and
+positions in their streams share each transformer call; chunks of different shapes, e.g. a stream's 1-frame first
+chunk, run as separate groups), commits each stream's cache, then decodes and H.264-encodes each chunk and returns
+one `MediaChunk` per stream. A stream's frames are the same batched as alone (`tests/test_runtime.py`).
+
+The two halves of a turn are separate calls (`denoise`, then `deliver` per chunk) so that a server may decode
+and encode one turn's chunks while the next turn denoises. Memory is admitted as an LLM server budgets KV blocks:
+a stream's most bytes (its cache's capacity and its decoder's state) are known before it opens, and a stream is
+admitted only while the sum fits the runner's budget.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from .budget import StepController
+from .config import StreamConfig, check_steps
+from .engine import SinkWindow
+from .media import FragmentedMp4Encoder, Segment
+from .pipeline import ChunkTiming, Session, StreamingPipeline
+from .vae import StreamingDecoder
+
+AUTO = "auto"
+Steps = int | Literal["auto"] | None  # None: the model's default budget
+MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
+# Default memory budget: this share of the device's free memory (CUDA) or of the machine's available RAM (CPU),
+# leaving the rest to the weights' activations, the batched call's transient context and everything else.
+CUDA_MEMORY_SHARE = 0.8
+CPU_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class MediaChunk:
+    """One chunk of a stream, encoded and ready to send, with where its time went: the one per-chunk record."""
+
+    index: int | None  # generated chunk number; None for the reconstruction of an uploaded image or clip
+    first_frame: int  # position in the stream's timeline
+    frames: int
+    segments: list[Segment]  # the init segment first in a stream's first media, then fragments
+    steps: int | None  # the steps this chunk was denoised with
+    prompt: str | None
+    timing: ChunkTiming
+    batch: int = 1  # chunks denoised in the same transformer calls, this one included
+    ready: float = field(default_factory=time.perf_counter)  # when it was encoded (`time.perf_counter`)
+
+
+class Stream:
+    """One stream as the runner sees it: what was asked for (prompt, seed, budget, an image or clip to extend),
+    its library session and H.264 encoder once open, and its timeline.
+
+    Changes (`pending_prompt`, `set_budget`) take effect at the stream's next chunk."""
+
+    def __init__(
+        self,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        steps: Steps = None,
+        target_fps: float | None = None,
+        image: np.ndarray | None = None,
+        video: np.ndarray | None = None,
+    ) -> None:
+        self.prompt = prompt
+        self.seed = random.randint(0, MAX_SEED) if seed is None else seed  # one every client can replay
+        self.steps, self.target_fps = steps, target_fps
+        self.image, self.video = image, video  # handed to the session when it opens, then dropped
+        self.pending_prompt: str | None = None  # applied before the next chunk
+        self.session: Session | None = None
+        self.encoder: FragmentedMp4Encoder | None = None
+        self.reserved = 0  # bytes the runner holds for this stream while it is admitted
+        self.chunks = 0  # generated chunks
+        self.frames = 0  # frames encoded: the timeline's end
+        self._first_chunk = True
+
+    def set_budget(self, steps: Steps, target_fps: float | None = None) -> None:
+        """A fixed step count, the model's default (None), or "auto" at `target_fps` (default: the stream's fps)."""
+        if steps not in (None, AUTO):
+            check_steps(steps)
+        if target_fps is not None and not target_fps > 0:
+            raise ValueError(f"target_fps must be positive, got {target_fps}")
+        self.steps, self.target_fps = steps, target_fps
+        if self.session is not None:
+            self._apply_budget()
+
+    @property
+    def auto(self) -> bool:
+        return self.steps == AUTO
+
+    @property
+    def nbytes(self) -> int:
+        """Model memory this stream holds now (KV and decoder caches)."""
+        return self.session.nbytes if self.session is not None else 0
+
+    def _apply_budget(self) -> None:
+        """An auto stream's controller follows its target; a controller that already learned costs is kept."""
+        session = self.session
+        if not self.auto:
+            return
+        target = self.target_fps or session.fps
+        if session.budget is None:
+            session.budget = StepController(target, steps=session.last_steps or session.config.steps)
+        session.budget.target_fps = target
+
+    def _encode(self, index: int | None, frames: np.ndarray, timing: ChunkTiming, steps: int | None, batch: int) -> MediaChunk:
+        start = time.perf_counter()
+        segments = self.encoder.encode(frames)
+        timing.encode = time.perf_counter() - start
+        chunk = MediaChunk(index, self.frames, len(frames), segments, steps, self.session.prompt, timing, batch)
+        self.frames += len(frames)
+        return chunk
+
+    def release(self) -> None:
+        """Free the model state (KV and decoder caches) and the encoder now, not whenever the GC runs."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.encoder is not None:
+            self.encoder.flush()
+            self.encoder = None
+        self.image = self.video = None
+
+
+@dataclass
+class Denoised:
+    """A stream's chunk after the batched denoise and its cache commit, waiting to be decoded and encoded."""
+
+    stream: Stream
+    latents: torch.Tensor
+    steps: int
+    timing: ChunkTiming  # transformer and cache so far
+    share: float  # this stream's part of the batched denoising time
+    batch: int
+    first: bool  # the stream's first chunk: shorter, no deadline, not shown to its budget
+
+
+class Runner:
+    """Runs the chunks of the streams of one pipeline, turn by turn, and budgets their memory.
+
+    Not thread-safe by itself: a driver calls `open`, `denoise` and `release` from one thread; `deliver` may run
+    on another, in the order of the chunks of each stream."""
+
+    def __init__(self, pipe: StreamingPipeline, memory_budget: int | None = None) -> None:
+        self.pipe = pipe
+        self.memory_budget = default_memory_budget(pipe.device) if memory_budget is None else int(memory_budget)
+        if self.memory_budget <= 0:
+            raise ValueError(f"the memory budget must be positive, got {self.memory_budget} bytes")
+        self.reserved = 0  # bytes held for the admitted streams
+        self.batch_sizes: Counter[int] = Counter()  # transformer batches run, by their number of chunks
+
+    # -- memory --------------------------------------------------------------------------------------------
+    def stream_bytes(self) -> int:
+        """The most memory one stream of this pipeline's config holds (its reservation)."""
+        return session_bytes(self.pipe, self.pipe.config)
+
+    def admit(self, stream: Stream) -> bool:
+        """Reserve the stream's bytes if they fit the budget with everything admitted before; False if not."""
+        need = self.stream_bytes()
+        if self.reserved + need > self.memory_budget:
+            return False
+        stream.reserved = need
+        self.reserved += need
+        return True
+
+    def release(self, stream: Stream) -> None:
+        """Free the stream's session and encoder, and its reservation."""
+        stream.release()
+        self.reserved -= stream.reserved
+        stream.reserved = 0
+
+    # -- chunks --------------------------------------------------------------------------------------------
+    def open(self, stream: Stream) -> MediaChunk | None:
+        """Start the stream's session and encoder; an uploaded image or clip, reconstructed, is its first media."""
+        extend = {"image": stream.image} if stream.image is not None else {"video": stream.video}
+        stream.session = self.pipe.start_session(stream.prompt, seed=stream.seed, **extend)
+        stream.image = stream.video = None
+        config = stream.session.config
+        stream.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
+        stream.set_budget(stream.steps, stream.target_fps)
+        if stream.session.context_frames is None:
+            return None
+        return stream._encode(None, stream.session.context_frames, ChunkTiming(), None, 1)
+
+    def denoise(self, streams: list[Stream]) -> list[Denoised]:
+        """The first half of a turn: each open stream's next chunk denoised, batched with the others of its shape
+        (one transformer call per step per group), and committed to its cache."""
+        plans: dict[tuple[int, ...], list[tuple[Stream, bool, tuple[int, torch.Tensor]]]] = {}
+        for stream in streams:
+            session = stream.session
+            if stream.pending_prompt is not None:
+                prompt, stream.pending_prompt = stream.pending_prompt, None
+                session.set_prompt(prompt)
+            first = session.chunk_index == 0
+            steps = None if stream.auto else stream.steps  # None: the controller's choice, or the default
+            plan = session._begin(steps, None, "np")
+            plans.setdefault(tuple(plan[1].shape[1:]), []).append((stream, first, plan))
+        denoised = []
+        for group in plans.values():
+            sessions = [stream.session for stream, _, _ in group]
+            latents, seconds = self.pipe.denoise(sessions, [plan for _, _, plan in group])
+            self.batch_sizes[len(group)] += 1
+            for (stream, first, (steps, _)), z in zip(group, latents):
+                timing = stream.session._commit(z, seconds)
+                denoised.append(Denoised(stream, z, steps, timing, seconds / len(group), len(group), first))
+        return denoised
+
+    def deliver(self, chunk: Denoised) -> MediaChunk:
+        """The second half: decode and encode a denoised chunk, and account its time to the stream's budget."""
+        stream, session = chunk.stream, chunk.stream.session
+        frames = session._decode(chunk.latents, chunk.steps, chunk.timing, "np")
+        media = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
+        stream.chunks += 1
+        session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
+        return media
+
+    def turn(self, streams: list[Stream]) -> list[MediaChunk]:
+        """A whole turn: one chunk of each stream, in the streams' order."""
+        return [self.deliver(chunk) for chunk in self.denoise(streams)]
+
+
+def session_bytes(pipe: StreamingPipeline, config: StreamConfig) -> int:
+    """The most memory a session of `config` holds: its KV cache's capacity (slabs and retained latents) and its
+    VAE decoder's causal state. Known before the session starts; nothing is allocated to compute it."""
+    scale = pipe.latent_scale[1]
+    latent_size = (config.height // scale, config.width // scale)
+    frames = max(config.first_chunk_frames, config.chunk_frames)
+    cache = pipe.engine.new_cache(latent_size, frames, SinkWindow(config.sink, config.window))
+    rows = 2 if config.guidance_scale > 1 else 1
+    return pipe.engine.cache_bytes(cache, rows) + _decoder_bytes(pipe.vae, latent_size)
+
+
+@lru_cache(maxsize=8)
+def _decoder_bytes(vae: AutoencoderKLWan, latent_size: tuple[int, int]) -> int:
+    """The streaming decoder's state once full (after two latent frames), measured on the meta device: shapes
+    only, no memory, no arithmetic. The state is activations in the VAE's dtype; the shadow runs in float32."""
+    with torch.device("meta"):
+        shadow = AutoencoderKLWan.from_config(vae.config)
+    decoder = StreamingDecoder(shadow)
+    decoder.decode(torch.zeros(1, 2, vae.config.z_dim, *latent_size, device="meta"))
+    return decoder.nbytes * vae.dtype.itemsize // torch.float32.itemsize
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A share of the free memory of a CUDA device, or of the available RAM on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(CUDA_MEMORY_SHARE * free)
+    return int(CPU_MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
