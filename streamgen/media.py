@@ -14,7 +14,9 @@ import io
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
@@ -25,55 +27,240 @@ from PIL import Image, ImageOps
 from streamgen.config import DEFAULT_FPS
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+Progress = Callable[[float, float], None]  # (seconds of the input read, seconds to read)
+
+# Demuxers an input may be read with: image and video containers whose streams are known from their header (so
+# the pixel cap applies before anything is decoded). Never playlists or protocols (concat, hls, image2 patterns):
+# they open files or URLs named inside the data, which for an upload means the server's own files.
+DEMUXERS = (
+    "mov", "matroska", "avi", "gif", "apng", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
+)  # fmt: skip
+FORMATS_READ = "MP4/MOV, MKV/WebM, AVI, GIF, PNG, JPEG, WebP, BMP, TIFF"  # the same list, for people
+# Declared frame sizes above this are refused before decoding: a 31 KB PNG can declare 16000x16000.
+MAX_PIXELS = 4096 * 4096
+_MAX_BAD_PACKETS = 64  # consecutive undecodable packets after which a damaged input is read no further
+_SEEK_MARGIN = 1.0  # seconds read before the used end of a clip: keyframe distance and timestamp slack
 
 
 class MediaError(ValueError):
-    """Input media that cannot be read: empty, corrupt, unsupported, or without a single video frame."""
+    """Input media that cannot be read: empty, corrupt, unsupported, too large, or without a single video frame.
+
+    The message is worded for people and never quotes FFmpeg, whose texts can reveal local paths."""
 
 
-def read_frames(source: Source, *, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class Clip:
+    """Frames read from an image or video, fitted to the stream's size and resampled to its frame rate."""
+
+    frames: np.ndarray  # uint8 (T, H, W, 3), the last ones of the input (or its first, for an image)
+    fps: float  # rate of `frames`: the one asked for, else the input's own
+    source_seconds: float | None  # duration of the whole input, when its container states it
+    damaged: str | None = None  # what could not be decoded, for a warning; `frames` are those that could
+
+    @property
+    def seconds(self) -> float:
+        """Duration of the input that `frames` cover."""
+        return len(self.frames) / self.fps
+
+
+def read_clip(
+    source: Source,
+    *,
+    height: int,
+    width: int,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    first: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    progress: Progress | None = None,
+) -> Clip:
     """Decode an image or video to RGB frames of exactly `(height, width)`.
 
-    Frames are scaled to cover the target while keeping their aspect ratio, then centre-cropped, so conditioning
-    clips of any shape fill the stream's frame without distortion. Rotation metadata (phone videos) is applied.
+    Frames are scaled (by swscale, straight from the decoder's format: a large source is never held as full-size
+    RGB) to cover the target keeping their aspect ratio, then centre-cropped, so inputs of any shape fill the
+    stream's frame without distortion. Rotation metadata (phone videos) is applied.
 
     Args:
-        source: a path, the file's bytes, or a binary file-like object.
-        max_frames: stop after this many frames (decoding a long upload only to drop most of it is wasted time).
-
-    Returns:
-        uint8 `(T, height, width, 3)`.
+        source: a path, the file's bytes, or a binary file-like object. Only the container formats of `DEMUXERS`
+            are read, never playlists or protocols.
+        fps: resample to this rate by timestamp (the nearest earlier frame fills each slot), so a 60 fps or
+            variable-rate clip keeps its real speed; `None` keeps every decoded frame.
+        max_frames: keep only the last this many frames. The end of a long clip is found by seeking, so the part
+            before it is not decoded.
+        first: the first frame only (an image to extend).
+        max_pixels: refuse frames larger than this, from their declared size, before decoding.
+        progress: called as frames are decoded with (seconds read, seconds to read).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    frames: list[np.ndarray] = []
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
     with contextlib.ExitStack() as stack:
         file = _open(source)
         if file is not source:
             stack.callback(file.close)
-        if file.seekable():
-            at = file.tell()
+        at = file.tell() if file.seekable() else None
+        if at is not None:
             if not file.read(1):
-                raise MediaError("empty input: no bytes to read (a file object left at its end?)")
+                raise MediaError("the file is empty" if at == 0 else "no bytes left to read (a file object left at its end?)")
             file.seek(at)
+        reader = _Reader(file, height, width, fps, 1 if first else max_frames, first, max_pixels, progress)
         try:
-            with av.open(file) as container:
-                if not container.streams.video:
-                    raise MediaError("input has no video or image stream")
-                for frame in container.decode(video=0):
-                    image = frame.to_image()
-                    if frame.rotation:
-                        image = image.rotate(frame.rotation, expand=True)
-                    frames.append(_fit(image, height, width))
-                    if len(frames) == max_frames:
-                        break
-        except (av.FFmpegError, OSError) as e:  # OSError: PyAV's seeks on the file object
-            raise MediaError(f"cannot decode input as an image or video: {e}") from e
-    if not frames:
-        raise MediaError("input decoded to zero frames")
-    return np.stack(frames)
+            clip = reader.read(seek=max_frames is not None and not first and at is not None)
+            if clip is None:  # the seek landed too late (or the stated duration was wrong): from the start
+                file.seek(at)
+                clip = reader.read(seek=False)
+        except av.FFmpegError as e:
+            raise MediaError(f"cannot decode the input: it is damaged, or not one of the formats read ({FORMATS_READ})") from e
+        except OSError as e:  # PyAV's reads and seeks on the file object
+            raise MediaError(f"the input could not be read: {e.strerror or type(e).__name__}") from e
+    return clip
+
+
+def read_frames(source: Source, *, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
+    """Every decoded frame of an image or video (the last `max_frames`), fitted like `read_clip` does."""
+    return read_clip(source, height=height, width=width, max_frames=max_frames).frames
+
+
+class _Reader:
+    """One pass of `read_clip` over an opened file: demux, decode packet by packet (a damaged packet is skipped,
+    as the ffmpeg tool does, not the end of the input), resample to the frame rate, keep the last frames."""
+
+    def __init__(
+        self, file: BinaryIO, height: int, width: int, fps: float | None, keep: int | None, first: bool,
+        max_pixels: int, progress: Progress | None,
+    ) -> None:  # fmt: skip
+        self.file, self.height, self.width, self.fps, self.keep, self.first = file, height, width, fps, keep, first
+        self.max_pixels, self.progress = max_pixels, progress
+
+    def read(self, seek: bool) -> Clip | None:
+        """The clip, or None when a seek towards the end left fewer than `keep` frames to read."""
+        options = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": "none"}
+        decoder = {"max_pixels": str(self.max_pixels), "threads": "1"}
+        # `options` also reach the decoders that probe the streams' parameters: they refuse oversized frames too.
+        file = _Unnamed(self.file)
+        with av.open(file, options=options | decoder, metadata_errors="replace") as container:
+            if not container.streams.video:
+                raise MediaError("the input has no video or image stream")
+            stream = container.streams.video[0]
+            declared = stream.codec_context.width * stream.codec_context.height
+            if declared > self.max_pixels:
+                raise MediaError(
+                    f"frames of {stream.codec_context.width}x{stream.codec_context.height} are over the limit of "
+                    f"{self.max_pixels} pixels"
+                )
+            stream.codec_context.options = decoder
+            total = container.duration / av.time_base if container.duration else None
+            rate = self.fps or float(stream.average_rate or stream.guessed_rate or 0) or None
+            begin = 0.0
+            if seek and total is not None and rate is not None:
+                begin = max(0.0, total - self.keep / rate - _SEEK_MARGIN)
+                if begin > 0:
+                    container.seek(int(begin * av.time_base), backward=True)
+            frames, damaged = self._decode(container, stream, begin, total)
+        if begin > 0 and len(frames) < self.keep:
+            return None
+        if not frames:
+            raise MediaError(
+                "no frame could be decoded: the data is damaged, or its frames are over the limit of "
+                f"{self.max_pixels} pixels"
+            )
+        return Clip(np.stack(frames), rate or 1.0, total, damaged)
+
+    def _decode(
+        self, container: av.container.InputContainer, stream: av.VideoStream, begin: float, total: float | None
+    ) -> tuple[deque[np.ndarray], str | None]:
+        kept: deque[np.ndarray] = deque(maxlen=self.keep)
+        pending: av.VideoFrame | None = None  # the latest frame of the current slot, fitted when the slot closes
+        slot = 0
+        origin: float | None = None  # time of the first frame: slot k holds time origin + k / fps
+        last: float | None = None  # time of the latest frame
+        bad = consecutive = 0
+        for packet in _packets(container, stream):
+            try:
+                decoded = stream.decode(packet)
+                consecutive = 0
+            except av.FFmpegError:
+                bad += 1
+                consecutive += 1
+                if consecutive > _MAX_BAD_PACKETS:
+                    break
+                continue
+            for frame in decoded:
+                last = frame.time if frame.time is not None else last
+                if self.fps is None:
+                    kept.append(self._fit(frame))
+                    continue
+                time = frame.time if frame.time is not None else (origin or 0.0) + (slot + 1) / self.fps
+                origin = time if origin is None else origin
+                now = round((time - origin) * self.fps)
+                if pending is not None and now > slot:  # the slot before is final; empty ones repeat it
+                    kept.append(self._fit(pending))
+                    gap = now - slot - 1
+                    kept.extend([kept[-1]] * min(gap, self.keep or gap))
+                if pending is None or now >= slot:  # a timestamp going back (damage) is not a new slot
+                    slot, pending = now, frame
+                if self.progress is not None and frame.time is not None and total:
+                    self.progress(max(0.0, frame.time - begin), total - begin)
+            if self.first and (kept or pending is not None):
+                break
+        if pending is not None:
+            kept.append(self._fit(pending))
+        problems = [f"{bad} damaged packet(s) could not be decoded"] if bad else []
+        if not self.first and total and last is not None and last < total - _SEEK_MARGIN:
+            problems.append(f"it ends at {last:.2f} s of the {total:.2f} s it states (truncated?)")
+        return kept, "; ".join(problems) or None
+
+    def _fit(self, frame: av.VideoFrame) -> np.ndarray:
+        """Scale to cover the target straight from the decoder's pixel format, rotate for display, centre-crop."""
+        turned = frame.rotation % 180 != 0
+        shown_w, shown_h = (frame.height, frame.width) if turned else (frame.width, frame.height)
+        scale = max(self.width / shown_w, self.height / shown_h)
+        w, h = max(self.width, round(shown_w * scale)), max(self.height, round(shown_h * scale))
+        if turned:
+            w, h = h, w
+        image = frame.reformat(width=w, height=h, format="rgb24", interpolation="LANCZOS").to_ndarray()
+        image = np.rot90(image, frame.rotation // 90) if frame.rotation else image
+        top, left = (image.shape[0] - self.height) // 2, (image.shape[1] - self.width) // 2
+        return np.ascontiguousarray(image[top : top + self.height, left : left + self.width])
+
+
+class _Unnamed(io.RawIOBase):
+    """A file object's bytes without its name: FFmpeg guesses formats from names too (image2 reads `x.png` as an
+    image-sequence pattern), and an input's format must come from its bytes alone."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:
+        data = self._file.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return self._file.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
+    """The stream's packets, then the empty one that flushes the decoder; a demuxing error ends them early (a
+    truncated file), keeping what came before."""
+    try:
+        for packet in container.demux(stream):
+            yield packet
+    except av.FFmpegError:
+        yield av.Packet()  # flush what the decoder holds
+        return
 
 
 def _fit(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -81,7 +268,7 @@ def _fit(image: Image.Image, height: int, width: int) -> np.ndarray:
 
 
 def fit_frames(frames: np.ndarray, *, height: int, width: int) -> np.ndarray:
-    """Frames already in memory (uint8 `(T, H, W, 3)`) scaled and centre-cropped like `read_frames` does."""
+    """Frames already in memory (uint8 `(T, H, W, 3)`) scaled and centre-cropped like `read_clip` does."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
         raise MediaError(f"frames must be uint8 (T>0, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -104,10 +291,11 @@ def _open(source: Source) -> BinaryIO:
 
 
 def trim_to_4k_plus_1(frames: np.ndarray) -> np.ndarray:
-    """The longest prefix of 1 + 4k frames: the frame counts the Wan VAE encodes without dropping a remainder."""
+    """The last 1 + 4k frames: the frame counts the Wan VAE encodes without dropping a remainder. The end is kept
+    because it is what a stream continues."""
     if len(frames) == 0:
         raise MediaError("no frames to trim")
-    return frames[: 1 + 4 * ((len(frames) - 1) // 4)]
+    return frames[(len(frames) - 1) % 4 :]
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -203,14 +391,16 @@ class Segment(bytes):
 
     `init`: the init segment (ftyp + moov); every viewer needs it first.
     `keyframe`: a media fragment (moof + mdat) whose first frame is an IDR frame: decodable right after `init`.
+    `frames`: how many frames a media fragment holds (0 for `init`).
     """
 
     init: bool
     keyframe: bool
+    frames: int
 
-    def __new__(cls, data: bytes, *, init: bool = False, keyframe: bool = False) -> Segment:
+    def __new__(cls, data: bytes, *, init: bool = False, keyframe: bool = False, frames: int = 0) -> Segment:
         segment = super().__new__(cls, data)
-        segment.init, segment.keyframe = init, keyframe
+        segment.init, segment.keyframe, segment.frames = init, keyframe, frames
         return segment
 
 
@@ -357,4 +547,4 @@ class FragmentedMp4Encoder:
 
         header = moof(0)
         mdat = _box(b"mdat", b"".join(samples))
-        return Segment(moof(len(header) + 8) + mdat, keyframe=packets[0].is_keyframe)
+        return Segment(moof(len(header) + 8) + mdat, keyframe=packets[0].is_keyframe, frames=len(packets))

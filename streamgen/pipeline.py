@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from diffusers import AnyFlowFARPipeline, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from . import media
+from . import inputs, media
 from .budget import ChunkReport, StepController, Usage
 from .config import StreamConfig, check_steps
 from .engine import SinkWindow, StreamingEngine, TextCondition
@@ -163,20 +164,80 @@ class StreamingPipeline:
         sink: int | None = None,
         guidance_scale: float | None = None,
         target_fps: float | None = None,
+        max_context_frames: int = inputs.DEFAULT_CONTEXT_FRAMES,
+        progress: media.Progress | None = None,
     ) -> "Session":
-        """Open a stream. `image`/`video` (a path, bytes, or uint8 `(T, H, W, 3)` frames) become its clean past.
+        """Open a stream. `image`/`video` become its clean past: a path, bytes, a file object, a PIL image, an
+        array or tensor with or without a frame axis, or a list of frames (`streamgen.inputs`). A clip is resampled
+        to the stream's fps and only its last `max_context_frames` are read; an image's first frame is used.
+        `progress(seconds read, seconds to read)` follows the reading of a file.
 
         Unset options take the model's stream config; `window=None` keeps every chunk (the reference's behaviour).
         `target_fps` makes the step budget adaptive: each chunk gets the most steps that hold that rate, starting
-        from `steps` (`streamgen.budget`).
+        from `steps` (`streamgen.budget`). Every argument is checked here, before any work.
         """
-        changes = {"steps": steps, "height": height, "width": width, "sink": sink, "guidance_scale": guidance_scale}
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if window is not _MODEL_DEFAULT:
-            changes["window"] = window
-        config = self.config.replace(**changes)
+        config = self._config(steps, height, width, window, sink, guidance_scale)
+        if target_fps is not None:
+            target_fps = inputs.real(target_fps, "target_fps", low=1e-3)
         budget = StepController(target_fps, steps=config.steps) if target_fps is not None else None
-        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, image, video, budget)
+        seed = None if seed is None else inputs.integer(seed, "seed", 0, 2**64 - 1)
+        negative_prompt = inputs.text(negative_prompt, "negative_prompt")
+        self._check_prompt(prompt, prompt_embeds)  # before any reading: a typo costs nothing
+        if image is not None and video is not None:
+            raise ValueError("give an image or a video to extend, not both")
+        context = None
+        if image is not None or video is not None:
+            name, source = ("image", image) if image is not None else ("video", video)
+            limit = inputs.integer(max_context_frames, "max_context_frames", 1)
+            context = inputs.read(
+                source, name, height=config.height, width=config.width, fps=config.fps, max_frames=limit,
+                first=image is not None, progress=progress,
+            )  # fmt: skip
+        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, context, budget)
+
+    def _config(self, steps, height, width, window, sink, guidance_scale) -> StreamConfig:
+        """The model's stream config with the caller's changes, each checked and named in its error."""
+        changes: dict = {}
+        if steps is not None:
+            changes["steps"] = check_steps(inputs.integer(steps, "steps", 1))
+        multiple = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                changes[name] = inputs.integer(value, name, multiple)
+                if changes[name] % multiple:
+                    raise ValueError(
+                        f"{name} must be a multiple of {multiple} (the VAE's stride times the compressed patch), "
+                        f"got {changes[name]}"
+                    )
+        longest = self.transformer.rope.max_seq_len // self.config.chunk_frames  # chunks the RoPE table holds
+        if window is not _MODEL_DEFAULT:
+            changes["window"] = None if window is None else inputs.integer(window, "window", 1, longest)
+        if sink is not None:
+            changes["sink"] = inputs.integer(sink, "sink", 0, longest)
+        if guidance_scale is not None:
+            changes["guidance_scale"] = inputs.real(guidance_scale, "guidance_scale", low=1.0)
+        return self.config.replace(**changes)
+
+    def _check_prompt(self, prompt: str | None, prompt_embeds) -> torch.Tensor | None:
+        """Exactly one of a prompt (text) or its embeddings (finite, `(1, tokens, text_dim)`); the embeddings as a
+        tensor."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt or prompt_embeds")
+        if prompt is not None:
+            inputs.text(prompt, "prompt")
+            return None
+        embeds = inputs.tensor(prompt_embeds, "prompt_embeds", dims=3)
+        dim = self.transformer.config.text_dim
+        if embeds.shape[0] != 1 or embeds.shape[2] != dim or embeds.shape[1] == 0:
+            raise ValueError(f"prompt_embeds must have shape (1, tokens, {dim}), got {tuple(embeds.shape)}")
+        return embeds
+
+    @property
+    def size_multiple(self) -> int:
+        """Stream heights and widths are multiples of this: the VAE's spatial stride times the transformer's
+        compressed patch (older chunks are cached at that coarser grid)."""
+        patch = self.engine.config.compressed_patch_size
+        return self.latent_scale[1] * math.lcm(patch[1], patch[2])
 
     def next_chunks(self, sessions: list["Session"], output_type: str = "np") -> list:
         """The next chunk of each session, denoised in one batched transformer call per step (`engine.batch`),
@@ -213,12 +274,9 @@ class Session:
         prompt_embeds: torch.Tensor | None,
         negative_prompt: str,
         seed: int | None,
-        image,
-        video,
+        context: media.Clip | None,
         budget: StepController | None = None,
     ) -> None:
-        if image is not None and video is not None:
-            raise ValueError("give an image or a video to extend, not both")
         self.pipe, self.config = pipe, config
         self.negative_prompt = negative_prompt
         self.text = self._condition(prompt, prompt_embeds)
@@ -238,8 +296,9 @@ class Session:
         self._usage_seen = (pipe.usage.busy, pipe.usage.chunks)  # the device's usage after this session's last chunk
         self.closed = False
         self.context_frames: np.ndarray | None = None  # decoded reconstruction of an image/video given to extend
-        if image is not None or video is not None:
-            self._extend(image if image is not None else video, single=image is not None)
+        self.context: media.Clip | None = None  # what was extended: the fitted original frames, and from what
+        if context is not None:
+            self._extend(context)
 
     # -- public API ----------------------------------------------------------------------------------------
     def next_chunk(self, steps: int | None = None, noise: torch.Tensor | None = None, output_type: str = "np"):
@@ -300,8 +359,8 @@ class Session:
         shape = (1, frames, engine.config.in_channels, *self.latent_size)
         if noise is None:
             noise = torch.randn(shape, generator=self.generator)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise for chunk {self.chunk_index} must have shape {shape}, got {tuple(noise.shape)}")
+        else:
+            noise = inputs.tensor(noise, f"noise for chunk {self.chunk_index}", shape)
         return steps, noise.to(engine.device, engine.dtype)
 
     def _commit(self, latents: torch.Tensor, denoise: float) -> ChunkTiming:
@@ -345,8 +404,7 @@ class Session:
         return latent_frames * scale - (scale - 1 if self.chunk_index == 0 else 0)
 
     def _condition(self, prompt: str | None, prompt_embeds: torch.Tensor | None) -> TextCondition:
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("give exactly one of prompt or prompt_embeds")
+        prompt_embeds = self.pipe._check_prompt(prompt, prompt_embeds)
         pipe = self.pipe
         embeds = pipe.encode_prompt(prompt) if prompt is not None else prompt_embeds.to(pipe.device, pipe.engine.dtype)
         negative = pipe.encode_prompt(self.negative_prompt) if self.config.guidance_scale > 1 else None
@@ -354,14 +412,11 @@ class Session:
             raise ValueError("with guidance, prompt_embeds must have the text encoder's sequence length")
         return TextCondition(embeds, negative, self.config.guidance_scale)
 
-    def _extend(self, source, single: bool) -> None:
-        """Encode an image or clip and make it the clean past the stream continues from (I2V / V2V)."""
-        height, width = self.config.height, self.config.width
-        if isinstance(source, np.ndarray):
-            frames = media.fit_frames(source, height=height, width=width)
-        else:
-            frames = media.read_frames(source, height=height, width=width, max_frames=None if not single else 1)
-        frames = frames[:1] if single else media.trim_to_4k_plus_1(frames)
+    def _extend(self, clip: media.Clip) -> None:
+        """Encode an image or clip and make it the clean past the stream continues from (I2V / V2V). Its last
+        1 + 4k frames are used (the counts the VAE encodes whole)."""
+        frames = media.trim_to_4k_plus_1(clip.frames)
+        self.context = dataclasses.replace(clip, frames=frames)
         pipe = self.pipe
         latents = encode_video(pipe.vae, frames).to(pipe.device, pipe.engine.dtype)
         reconstruction, start = [], 0

@@ -152,7 +152,7 @@ def test_bad_arguments(pipe):
         pipe.start_session()
     with pytest.raises(ValueError, match="steps"):
         pipe.start_session("x", steps=0)
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="height must be a multiple of"):
         pipe.start_session("x", height=70)
     with pipe.start_session("x") as session:
         with pytest.raises(ValueError, match="steps"):
