@@ -26,13 +26,12 @@ from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.pipeline import StreamingPipeline
 from streamgen.training import stages
 from streamgen.training.components import causal_teacher
-from streamgen.training.data import CHUNKS
+from streamgen.training.data import CHUNKS, EVAL_SEED
 from streamgen.training.world import VideoWorld, semantic_score
 from streamgen.vae import StreamingDecoder, to_uint8_frames
 
 BUDGETS = (1, 2, 4, 8, 16)
 REFERENCE_STEPS = 64
-EVAL_SEED = 10**9  # world seeds no training stage draws
 CLIP_LATENT_FRAMES = stages.C.Sizes().clip_latent_frames
 
 

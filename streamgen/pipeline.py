@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 from diffusers import AnyFlowFARPipeline, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
 from transformers import AutoTokenizer, UMT5EncoderModel
@@ -72,8 +73,10 @@ class StreamingPipeline:
         tokenizer,
         config: StreamConfig | None = None,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        example_prompts: list[str] | None = None,
     ) -> None:
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.example_prompts = list(example_prompts or [])  # prompts the model draws, recorded at export
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.config = config or StreamConfig()
         self.engine = StreamingEngine(transformer, scheduler)
@@ -102,6 +105,7 @@ class StreamingPipeline:
         dtype = dtype or default_dtype(device)
         stream = json.loads((directory / STREAM_CONFIG).read_text()) if (directory / STREAM_CONFIG).is_file() else {}
         max_sequence_length = stream.pop("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+        example_prompts = stream.pop("example_prompts", [])
         return cls(
             transformer=load_transformer(directory / "transformer", dtype).to(device),
             vae=AutoencoderKLWan.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval(),
@@ -110,6 +114,7 @@ class StreamingPipeline:
             tokenizer=AutoTokenizer.from_pretrained(directory / "tokenizer"),
             config=StreamConfig(**stream),
             max_sequence_length=max_sequence_length,
+            example_prompts=example_prompts,
         )
 
     @classmethod
@@ -122,7 +127,10 @@ class StreamingPipeline:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write diffusers' `AnyFlowFARPipeline` layout plus our stream defaults (ignored by diffusers)."""
         self.as_reference().save_pretrained(directory)
-        stream = dataclasses.asdict(self.config) | {"max_sequence_length": self.prompts.max_sequence_length}
+        stream = dataclasses.asdict(self.config) | {
+            "max_sequence_length": self.prompts.max_sequence_length,
+            "example_prompts": self.example_prompts,
+        }
         (Path(directory) / STREAM_CONFIG).write_text(json.dumps(stream, indent=2) + "\n")
 
     def as_reference(self) -> AnyFlowFARPipeline:
@@ -143,6 +151,15 @@ class StreamingPipeline:
     def latent_scale(self) -> tuple[int, int]:
         """(temporal, spatial) VAE strides."""
         return self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+
+    def known_words(self) -> list[str] | None:
+        """Every word a closed word-level tokenizer knows (any other encodes as unknown), so a client can point out
+        the words of a prompt the model cannot read; None for subword tokenizers (UMT5), which spell any word."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not isinstance(backend.model, tokenizers.models.WordLevel):
+            return None
+        special = set(self.tokenizer.all_special_tokens)
+        return sorted(word for word in self.tokenizer.get_vocab() if word not in special)
 
     # -- sessions ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -40,6 +40,34 @@ function connect() {
   player.ws = ws;
 }
 
+// -- prompt help: the served model's example prompts, and the words of a prompt its tokenizer does not know ------
+function offerPrompts(ready) {
+  const examples = ready.example_prompts ?? [];
+  const box = $("examples");
+  box.replaceChildren(...examples.map((text) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = text;
+    button.onclick = () => {
+      ui.prompt.value = text;
+      markUnknownWords();
+      ui.prompt.focus();
+    };
+    return button;
+  }));
+  box.hidden = examples.length === 0;
+  if (examples.length) ui.prompt.placeholder = examples[0];
+  markUnknownWords();
+}
+
+function markUnknownWords() {
+  const known = player.ready?.vocabulary; // null: the tokenizer spells any word
+  const note = $("unknown-words");
+  const unknown = known ? [...new Set(ui.prompt.value.toLowerCase().match(/\w+/g) ?? [])].filter((w) => !known.includes(w)) : [];
+  note.textContent = unknown.length ? `This model does not know: ${unknown.join(", ")}` : "";
+  note.hidden = unknown.length === 0;
+}
+
 function send(message) {
   if (player.ws?.readyState === WebSocket.OPEN) player.ws.send(JSON.stringify(message));
 }
@@ -51,6 +79,7 @@ function onEvent(msg) {
       ui.steps.max = Math.min(msg.max_steps, 16);
       ui.steps.value = params.get("steps") ?? msg.steps;
       ui.stepsValue.textContent = ui.steps.value;
+      offerPrompts(msg);
       setState("idle", "ready");
       if (player.autoplay && ui.prompt.value.trim()) {
         player.autoplay = false;
@@ -125,6 +154,7 @@ ui.stop.onclick = () => send({ type: "stop" });
 ui.pause.onclick = () => send({ type: player.state === "paused" ? "resume" : "pause" });
 ui.steps.oninput = () => (ui.stepsValue.textContent = ui.steps.value);
 ui.steps.onchange = () => inSession() && send({ type: "steps", steps: Number(ui.steps.value) });
+ui.prompt.oninput = markUnknownWords;
 ui.prompt.onkeydown = (e) => {
   if (e.key !== "Enter" || e.shiftKey) return;
   e.preventDefault();

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKLWan
 from tqdm import tqdm
 
 from ..vae import encode_video
+from . import footage
 from .world import VideoWorld
 
 CHUNKS = (
@@ -24,17 +25,31 @@ CHUNKS = (
     3,
     3,
 )  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
-# World seeds apart from the training steps' (seed = step index), so statistics and the latent set are held apart.
-STATS_SEED, LATENT_SEED = 10**8, 10**8 + 1
+# World seeds apart from the training steps' (seed = step index), so statistics and the latent set are held apart,
+# and the benchmarks' prompts come from seeds no stage draws.
+STATS_SEED, LATENT_SEED, EVAL_SEED = 10**8, 10**8 + 1, 10**9
+# One clip in FOOTAGE_EVERY is a real-image clip (`footage`), captioned "": the VAE must represent footage, and the
+# transformers learn to continue an uploaded clip without a prompt. The VAE sees more of it than the transformers,
+# whose prompts are the world's.
+VAE_FOOTAGE_EVERY, LATENT_FOOTAGE_EVERY = 3, 8
+
+
+def clip(world: VideoWorld, seed: int, index: int, frames: int, footage_every: int) -> tuple[np.ndarray, str]:
+    """Clip `index` of a set seeded by `seed`: world clip `(seed, index)`, or every `footage_every`-th a footage
+    clip with the empty caption. uint8 `(T, H, W, 3)`."""
+    if index % footage_every == footage_every - 1:
+        return footage.clip((seed, index), frames, world.height, world.width), ""
+    return world.clip((seed, index), frames)
 
 
 def pixel_clips(
-    world: VideoWorld, seed: int, batch: int, frames: int
+    world: VideoWorld, seed: int, batch: int, frames: int, footage_every: int = VAE_FOOTAGE_EVERY
 ) -> tuple[torch.Tensor, list[str]]:
-    """`(B, 3, T, H, W)` in [-1, 1] (the VAE's layout and range) and the captions."""
-    video, captions = world.batch(seed, batch, frames)
-    x = torch.from_numpy(video).float().div(127.5).sub(1.0)
-    return x.permute(0, 4, 1, 2, 3).contiguous(), captions
+    """`(B, 3, T, H, W)` in [-1, 1] (the VAE's layout and range) and the captions. Batches are numbered on from
+    each other (clip `seed * batch + i`), so footage keeps its share whatever the batch size."""
+    clips = [clip(world, seed, seed * batch + i, frames, footage_every) for i in range(batch)]
+    x = torch.from_numpy(np.stack([c[0] for c in clips])).float().div(127.5).sub(1.0)
+    return x.permute(0, 4, 1, 2, 3).contiguous(), [c[1] for c in clips]
 
 
 @torch.no_grad()
@@ -43,7 +58,7 @@ def set_latent_stats(
 ) -> None:
     """Write per-channel `latents_mean`/`latents_std` of the posterior mean into the VAE's config, so normalised
     latents are about unit variance: the flow-matching noise scale every later stage assumes."""
-    x, _ = pixel_clips(world, seed=STATS_SEED, batch=clips, frames=frames)
+    x, _ = pixel_clips(world, STATS_SEED, clips, frames, LATENT_FOOTAGE_EVERY)
     mu = vae.encode(x.to(vae.device)).latent_dist.mean
     mean = mu.mean(dim=(0, 2, 3, 4))
     std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
@@ -86,7 +101,7 @@ class LatentSet:
                 return cls(saved["latents"][:clips, :frames], saved["captions"][:clips])
         latents, captions = [], []
         for i in tqdm(range(clips), desc="encoding clips", unit="clip"):
-            video, caption = world.clip((LATENT_SEED, i), 1 + 4 * (frames - 1))
+            video, caption = clip(world, LATENT_SEED, i, 1 + 4 * (frames - 1), LATENT_FOOTAGE_EVERY)
             latents.append(
                 encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0]
             )

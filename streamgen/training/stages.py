@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..config import StreamConfig
 from ..engine import SinkWindow, StreamingEngine, TextCondition
-from ..models import far_from_wan
+from ..models import far_from_wan, load_transformer
 from ..pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
@@ -36,12 +36,16 @@ from .losses import (
     flowmap_loss,
     teacher_loss,
 )
-from .world import VideoWorld
+from .world import VideoWorld, example_captions
 
 CAPTION = "a large red circle moving right quickly on a black background"
 # The stage whose transformer `export` ships: stage 1, since stage 2 tracked the teacher less closely at every
 # budget on this toy scale (docs/training.md).
 SHIPPED_STAGE = "student"
+# 13 video frames = 4 latent frames. The causal convolutions cache 2 frames, so only from the third latent frame
+# on does a stream run in its steady state; a VAE trained on 5-frame clips (2 latent frames) never saw it and broke
+# every chunk after the first (docs/training.md, "Why the stream lost its prompt").
+VAE_CLIP_FRAMES = 13
 BUDGETS = (
     1,
     2,
@@ -57,7 +61,7 @@ class Recipe:
     root: Path = Path("runs/default")
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sizes: C.Sizes = field(default_factory=C.Sizes)
-    batch: int = 8  # clips per transformer step; the VAE, on 5-frame pixel clips, takes a quarter as many
+    batch: int = 8  # clips per transformer step; the VAE, on 13-frame pixel clips, takes a quarter as many
     clips: int = 512  # latent training set size
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
@@ -81,14 +85,26 @@ class Recipe:
         return final
 
 
+# Where a model directory (`StreamingPipeline.save_pretrained`) keeps each warm-started component: the teacher
+# starts from the exported student, whose weights are the teacher's plus the FAR-only modules it ignores.
+_MODEL_DIR_COMPONENT = {"vae": "vae", "text_encoder": "text_encoder", "teacher": "transformer"}
+
+
 def warm(
     recipe: Recipe, module: torch.nn.Module, stage: str, component: str
 ) -> torch.nn.Module:
     """`module` with the weights `recipe.warm_start`'s stage finished with (continuing training elsewhere, e.g.
-    on a GPU's run), else as built."""
+    on a GPU's run), or, when `warm_start` is an exported model directory (the shipped default model), with its
+    component's weights; else as built."""
     if recipe.warm_start is not None:
-        path = Path(recipe.warm_start) / stage / "final" / component
-        module.load_state_dict(type(module).from_pretrained(path).state_dict())
+        start = Path(recipe.warm_start)
+        if (start / "model_index.json").is_file():
+            path = start / _MODEL_DIR_COMPONENT[component]
+            source = load_transformer(path) if component == "teacher" else type(module).from_pretrained(path)
+        else:
+            source = type(module).from_pretrained(start / stage / "final" / component)
+        weights = source.state_dict()
+        module.load_state_dict({k: weights[k] for k in module.state_dict()})
     return module.to(recipe.device)
 
 
@@ -140,7 +156,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
-        x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, 5)
+        x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, VAE_CLIP_FRAMES)
         x = x.to(recipe.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator(i, 0, recipe.device))
@@ -389,6 +405,7 @@ def export(recipe: Recipe, stage: str = SHIPPED_STAGE) -> dict:
         tokenizer=tokenizer,
         config=StreamConfig(height=recipe.sizes.height, width=recipe.sizes.width),
         max_sequence_length=C.MAX_SEQUENCE_LENGTH,
+        example_prompts=example_captions(),
     )
     pipe.save_pretrained(recipe.export_to)
     size = sum(

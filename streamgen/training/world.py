@@ -262,6 +262,17 @@ def sample_scene(rng: np.random.Generator | Seed, num_objects: int | None = None
     return Scene(objects, background)
 
 
+def example_captions(seed: Seed = 0) -> list[str]:
+    """Prompts a person can start from, one per background (the last with two objects): recorded in the model's
+    directory at export and offered by the web page."""
+    rng = np.random.default_rng(seed)
+    captions = []
+    for i, background in enumerate(BACKGROUNDS):
+        scene = sample_scene(rng, num_objects=1 if i < len(BACKGROUNDS) - 1 else 2)
+        captions.append(Scene(scene.objects, background).caption)
+    return captions
+
+
 def _fold(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Elastic bounces between two walls in closed form (a triangle wave), so any frame is computed directly."""
     span = hi - lo
