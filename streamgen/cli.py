@@ -18,6 +18,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
+def byte_size(text: str) -> int:
+    """A number of bytes with an optional K, M or G (binary) suffix."""
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    number = float(text[:-1] if scale > 1 else text)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive size")
+    return int(number * scale)
+
+
 def load_pipeline(args: argparse.Namespace):
     from .pipeline import StreamingPipeline
 
@@ -104,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--max-sessions", type=int, default=2)
+    serve.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        help="bytes sessions may hold, e.g. 8G (default: 80%% of free GPU memory, or half the available RAM)",
+    )
     serve.add_argument("--token", help="require this token from clients")
     serve.add_argument(
         "--allow-origin", action="append", metavar="ORIGIN", help="also accept pages from ORIGIN (repeatable)"

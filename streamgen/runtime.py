@@ -17,7 +17,6 @@ admitted only while the sum fits the runner's budget.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from .vae import StreamingDecoder
 
 AUTO = "auto"
 Steps = int | Literal["auto"] | None  # None: the model's default budget
-MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
 # Default memory budget: this share of the device's free memory (CUDA) or of the machine's available RAM (CPU),
 # leaving the rest to the weights' activations, the batched call's transient context and everything else.
 CUDA_MEMORY_SHARE = 0.8
@@ -76,8 +74,8 @@ class Stream:
         video: np.ndarray | None = None,
     ) -> None:
         self.prompt = prompt
-        self.seed = random.randint(0, MAX_SEED) if seed is None else seed  # one every client can replay
-        self.steps, self.target_fps = steps, target_fps
+        self.seed = seed  # None: the session draws one
+        self.set_budget(steps, target_fps)
         self.image, self.video = image, video  # handed to the session when it opens, then dropped
         self.pending_prompt: str | None = None  # applied before the next chunk
         self.session: Session | None = None
@@ -94,8 +92,6 @@ class Stream:
         if target_fps is not None and not target_fps > 0:
             raise ValueError(f"target_fps must be positive, got {target_fps}")
         self.steps, self.target_fps = steps, target_fps
-        if self.session is not None:
-            self._apply_budget()
 
     @property
     def auto(self) -> bool:
@@ -106,15 +102,17 @@ class Stream:
         """Model memory this stream holds now (KV and decoder caches)."""
         return self.session.nbytes if self.session is not None else 0
 
-    def _apply_budget(self) -> None:
-        """An auto stream's controller follows its target; a controller that already learned costs is kept."""
+    def _budget(self) -> int | None:
+        """The next chunk's fixed steps, or None for the session's controller (auto) or default. An auto stream's
+        controller follows its target; one that already learned costs is kept across changes."""
         session = self.session
         if not self.auto:
-            return
+            return self.steps
         target = self.target_fps or session.fps
         if session.budget is None:
             session.budget = StepController(target, steps=session.last_steps or session.config.steps)
         session.budget.target_fps = target
+        return None
 
     def _encode(self, index: int | None, frames: np.ndarray, timing: ChunkTiming, steps: int | None, batch: int) -> MediaChunk:
         start = time.perf_counter()
@@ -187,10 +185,10 @@ class Runner:
         """Start the stream's session and encoder; an uploaded image or clip, reconstructed, is its first media."""
         extend = {"image": stream.image} if stream.image is not None else {"video": stream.video}
         stream.session = self.pipe.start_session(stream.prompt, seed=stream.seed, **extend)
+        stream.seed = stream.session.seed
         stream.image = stream.video = None
         config = stream.session.config
         stream.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
-        stream.set_budget(stream.steps, stream.target_fps)
         if stream.session.context_frames is None:
             return None
         return stream._encode(None, stream.session.context_frames, ChunkTiming(), None, 1)
@@ -205,8 +203,7 @@ class Runner:
                 prompt, stream.pending_prompt = stream.pending_prompt, None
                 session.set_prompt(prompt)
             first = session.chunk_index == 0
-            steps = None if stream.auto else stream.steps  # None: the controller's choice, or the default
-            plan = session._begin(steps, None, "np")
+            plan = session._begin(stream._budget(), None, "np")
             plans.setdefault(tuple(plan[1].shape[1:]), []).append((stream, first, plan))
         denoised = []
         for group in plans.values():

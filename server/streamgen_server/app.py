@@ -52,10 +52,15 @@ class App:
         origins: Sequence[str] = (),
         limits: Limits = Limits(),
         web_root: Path = WEB_ROOT,
+        memory_budget: int | None = None,
+        overlap: bool = False,
     ) -> None:
-        """`origins`: pages of other sites allowed to open the websocket (the server's own host always is)."""
-        self.scheduler = Scheduler(pipe, max_active=max_sessions, limits=limits)
-        self.metrics = Metrics(self._gauges)
+        """`origins`: pages of other sites allowed to open the websocket (the server's own host always is);
+        `memory_budget`, `overlap`: see `Scheduler`."""
+        self.scheduler = Scheduler(
+            pipe, max_active=max_sessions, limits=limits, memory_budget=memory_budget, overlap=overlap
+        )
+        self.metrics = Metrics(self._gauges, lambda: self.scheduler.runner.batch_sizes)
         self.token, self.origins, self.limits, self.web_root = token, set(origins), limits, web_root
         self.connections: set[Connection] = set()
 
@@ -86,6 +91,8 @@ class App:
             "sessions_queued": ("Sessions waiting for a slot.", self.scheduler.queued),
             "connections": ("Open websocket connections.", len(self.connections)),
             "session_bytes": ("Model memory (KV and decoder caches) held by sessions.", self.scheduler.nbytes),
+            "memory_budget_bytes": ("Bytes sessions may reserve (--memory-budget).", self.scheduler.runner.memory_budget),
+            "memory_reserved_bytes": ("Bytes reserved by admitted sessions (their most).", self.scheduler.runner.reserved),
         }
 
     async def _handle(self, websocket: ServerConnection) -> None:
@@ -207,7 +214,13 @@ def main(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     size = {name: value for name in ("height", "width") if (value := getattr(args, name))}
     pipe.config = pipe.config.replace(**size)  # --height/--width: every session's default
-    app = App(pipe, max_sessions=args.max_sessions, token=args.token, origins=getattr(args, "allow_origin", None) or ())
+    app = App(
+        pipe,
+        max_sessions=args.max_sessions,
+        token=args.token,
+        origins=getattr(args, "allow_origin", None) or (),
+        memory_budget=args.memory_budget,
+    )
 
     def listening(port: int) -> None:
         query = f"?token={args.token}" if args.token else ""

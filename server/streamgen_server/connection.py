@@ -15,6 +15,7 @@ from typing import Any
 
 from streamgen import media
 from streamgen.config import MAX_STEPS
+from streamgen.pipeline import STAGES
 
 from . import protocol
 from .metrics import Metrics
@@ -31,7 +32,7 @@ from .protocol import (
     Stop,
     event,
 )
-from .scheduler import MediaChunk, Scheduler, Stream
+from .scheduler import MediaChunk, Scheduler, ServedStream
 
 Send = Callable[[str | bytes], Awaitable[None]]
 
@@ -59,15 +60,13 @@ class Connection:
         self._send = send
         self._bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
         self._upload: Start | None = None  # a start waiting for its binary upload
-        self._stream: Stream | None = None
+        self._stream: ServedStream | None = None
         self._sender: asyncio.Task[None] | None = None  # writes the stream's messages
         self._writing = asyncio.Lock()  # a `segment` header and its bytes go out back to back
 
     async def open(self) -> None:
-        """Greet the client with what it needs before a `start`: protocol version, stream format, limits, and what
-        helps a person prompt this model (its example prompts; the words it knows, when its vocabulary is closed)."""
-        pipe = self.scheduler.pipe
-        config = pipe.config
+        """Greet the client with what it needs before a `start`: protocol version, stream format, limits."""
+        config = self.scheduler.pipe.config
         await self._emit(
             event(
                 "ready",
@@ -79,8 +78,6 @@ class Connection:
                 max_steps=MAX_STEPS,
                 modes=list(MODES),
                 limits=self.limits.announce(),
-                example_prompts=pipe.example_prompts,
-                vocabulary=pipe.known_words(),
             )
         )
 
@@ -132,8 +129,8 @@ class Connection:
                 self.scheduler.close(self._require(), "client")
             case SetPrompt(prompt=prompt):
                 self._require().pending_prompt = prompt
-            case SetSteps(steps=steps):
-                self._require().steps = steps
+            case SetSteps(steps=steps, target_fps=target_fps):
+                self._require().set_budget(steps, target_fps)
             case Pause() | Resume():
                 paused = isinstance(command, Pause)
                 self.scheduler.pause(self._require(), paused)
@@ -166,10 +163,10 @@ class Connection:
         self._stream = self.scheduler.open(start, context)
         self._sender = asyncio.create_task(self._forward(self._stream))
 
-    def _live(self) -> Stream | None:
+    def _live(self) -> ServedStream | None:
         return self._stream if self._stream is not None and not self._stream.closed else None
 
-    def _require(self) -> Stream:
+    def _require(self) -> ServedStream:
         stream = self._live()
         if stream is None:
             raise ProtocolError(ErrorCode.NO_SESSION, "no session on this connection; send start first")
@@ -186,7 +183,7 @@ class Connection:
             for message in messages:
                 await self._send(message)
 
-    async def _forward(self, stream: Stream) -> None:
+    async def _forward(self, stream: ServedStream) -> None:
         try:
             async for message in stream.messages():
                 if isinstance(message, MediaChunk):
@@ -214,14 +211,7 @@ class Connection:
             bytes=len(data),
         )
         await self._write(protocol.encode(header), data)
-        timing = chunk.timing
-        stages = {
-            "transformer": timing.transformer,
-            "cache": timing.cache,
-            "decode": timing.decode,
-            "encode": chunk.encode,
-            "send": time.perf_counter() - start,
-        }
+        stages = {stage: getattr(chunk.timing, stage) for stage in STAGES} | {"send": time.perf_counter() - start}
         self.metrics.chunk_sent(chunk.frames, sum(map(len, chunk.segments)), stages)
         if chunk.index is not None:
             latency = {stage: round(1000 * seconds, 2) for stage, seconds in stages.items()}
@@ -232,6 +222,7 @@ class Connection:
                     chunk=chunk.index,
                     frames=chunk.frames,
                     steps=chunk.steps,
+                    batch=chunk.batch,
                     prompt=chunk.prompt,
                     latency_ms=latency,
                 )

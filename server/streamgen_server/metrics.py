@@ -10,15 +10,22 @@ import bisect
 from collections import Counter
 from collections.abc import Callable
 
+from streamgen import pipeline
+
 # Seconds per chunk on the server: generation plus encoding (from a tiny CPU model to a GPU's 832x480 chunks).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STAGES = ("transformer", "cache", "decode", "encode", "send")
+STAGES = (*pipeline.STAGES, "send")  # the runner's stages, then handing the chunk to the socket
 
 
 class Metrics:
-    def __init__(self, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
-        """`gauges()` returns {name: (help, value)} at scrape time."""
+    def __init__(
+        self,
+        gauges: Callable[[], dict[str, tuple[str, float]]],
+        batches: Callable[[], dict[int, int]] = dict,
+    ) -> None:
+        """`gauges()` returns {name: (help, value)} at scrape time; `batches()` {chunks per batch: batches run}."""
         self._gauges = gauges
+        self._batches = batches
         self.chunks = 0
         self.frames_sent = 0
         self.bytes_sent = 0
@@ -59,6 +66,12 @@ class Metrics:
             "counter",
             "Time spent per stage of the chunks sent.",
             [(f'{{stage="{stage}"}}', self.stage_seconds[stage]) for stage in STAGES],
+        )
+        metric(
+            "batches_total",
+            "counter",
+            "Batched transformer calls run (one per denoising turn and chunk shape), by chunks in the batch.",
+            [(f'{{size="{size}"}}', count) for size, count in sorted(self._batches().items())],
         )
         metric(
             "errors_total",

@@ -12,10 +12,12 @@ from enum import StrEnum
 from typing import Any
 
 from streamgen.config import check_steps
+from streamgen.runtime import AUTO
 
 PROTOCOL_VERSION = 1
 MODES = ("t2v", "i2v", "v2v")  # text, image or video to video; i2v and v2v are followed by one binary upload
 MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
+MAX_TARGET_FPS = 240.0  # the most an "auto" step budget may be asked to hold
 
 
 class ErrorCode(StrEnum):
@@ -80,7 +82,8 @@ class Start:
     prompt: str
     mode: str = "t2v"
     seed: int | None = None
-    steps: int | None = None
+    steps: int | str | None = None  # an integer, "auto", or None: the server's default
+    target_fps: float | None = None  # "auto" steps: the rate to hold (default: the stream's fps)
     upload_bytes: int = 0  # i2v/v2v: size of the binary message that must follow
     realtime: bool = True  # pace generation to playback speed (a viewer) or run flat out (a recorder)
 
@@ -92,7 +95,8 @@ class SetPrompt:
 
 @dataclass(frozen=True)
 class SetSteps:
-    steps: int
+    steps: int | str  # an integer or "auto"
+    target_fps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,15 +144,15 @@ def parse(text: str, limits: Limits) -> Command:
     if kind == "prompt":
         return SetPrompt(_prompt(data["prompt"], limits))
     if kind == "steps":
-        return SetSteps(_steps(data["steps"]))
+        return SetSteps(_steps(data["steps"]), _target_fps(data))
     return {"pause": Pause, "resume": Resume, "stop": Stop}[kind]()
 
 
 # type -> (allowed fields, required fields)
 _FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    "start": ({"protocol", "mode", "prompt", "seed", "steps", "upload_bytes", "realtime"}, {"prompt"}),
+    "start": ({"protocol", "mode", "prompt", "seed", "steps", "target_fps", "upload_bytes", "realtime"}, {"prompt"}),
     "prompt": ({"prompt"}, {"prompt"}),
-    "steps": ({"steps"}, {"steps"}),
+    "steps": ({"steps", "target_fps"}, {"steps"}),
     "pause": (set(), set()),
     "resume": (set(), set()),
     "stop": (set(), set()),
@@ -183,6 +187,7 @@ def _start(data: dict[str, Any], limits: Limits) -> Start:
         mode=mode,
         seed=None if seed is None else _integer(seed, "seed", 0, MAX_SEED),
         steps=None if data.get("steps") is None else _steps(data["steps"]),
+        target_fps=_target_fps(data),
         upload_bytes=upload,
         realtime=realtime,
     )
@@ -196,13 +201,31 @@ def _prompt(value: Any, limits: Limits) -> str:
     return value
 
 
-def _steps(value: Any) -> int:
+def _steps(value: Any) -> int | str:
+    if value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"steps must be an integer, got {json.dumps(value)[:40]}")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f'steps must be an integer or "auto", got {json.dumps(value)[:40]}'
+        )
     try:
         return check_steps(value)
     except ValueError as e:
         raise ProtocolError(ErrorCode.OUT_OF_RANGE, str(e)) from None
+
+
+def _target_fps(data: dict[str, Any]) -> float | None:
+    """The rate an "auto" budget holds: only with `steps: "auto"`, a number in (0, MAX_TARGET_FPS]."""
+    value = data.get("target_fps")
+    if value is None:
+        return None
+    if data.get("steps") != AUTO:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, 'target_fps goes with steps "auto"')
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"target_fps must be a number, got {json.dumps(value)[:40]}")
+    if not 0 < value <= MAX_TARGET_FPS:
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"target_fps must be above 0 and at most {MAX_TARGET_FPS}")
+    return float(value)
 
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:

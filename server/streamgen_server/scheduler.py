@@ -1,10 +1,15 @@
-"""Sessions sharing one pipeline: slots, a FIFO queue, and chunk-by-chunk round-robin on one worker thread.
+"""Sessions sharing one pipeline: admission by memory, a FIFO queue, and batched turns of the chunk runner.
 
-The model is one set of weights on one device, so the chunks of all sessions run one at a time, in turns, on a
-single worker thread; the event loop stays free to answer pings, parse messages and send media meanwhile.
-A stream takes its turn only when it can use it: not paused, room in its bounded buffer of encoded chunks (a slow
-reader stalls its own generation, never the server's memory) and, for a live viewer, not too far ahead of what
-the viewer is playing. Independent of any socket library: a connection reads `Stream.messages()`.
+The model is one set of weights on one device. Every chunk runs through one `streamgen.runtime.Runner` on a
+worker thread, so the event loop stays free to answer pings, parse messages and send media meanwhile. Each turn
+takes every stream that can use one and denoises their chunks in one batched call per step; with `overlap`, the
+turn's decoding and encoding run on a second thread while the next turn denoises.
+
+A stream can use a turn when it is not paused, has room in its bounded buffer of encoded chunks (a slow reader
+stalls its own generation, never the server's memory) and, for a live viewer, is not too far ahead of what the
+viewer is playing. Streams are admitted while their memory (known before they open) fits the runner's budget and
+a slot is free; the rest wait in a FIFO queue and are told their position. Independent of any socket library: a
+connection reads `ServedStream.messages()`.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from streamgen.media import FragmentedMp4Encoder, MediaError, Segment
-from streamgen.pipeline import ChunkTiming, Session, StreamingPipeline
+from streamgen.media import MediaError
+from streamgen.pipeline import StreamingPipeline
+from streamgen.runtime import Denoised, MediaChunk, Runner, Stream
 
 from .protocol import MAX_SEED, ErrorCode, Limits, ProtocolError, Start, error, event
 
@@ -33,41 +38,30 @@ log = logging.getLogger(__name__)
 # A paced (realtime) stream may run this far ahead of its viewer's playback: enough buffer for smooth playback,
 # little enough that a prompt or step change shows within about a second of the chunk it applies to.
 PACE_LEAD_SECONDS = 1.0
+# A paced stream due within this much joins the turn about to run, so that streams paced at the same rate share
+# batched calls instead of drifting into turns of their own; it runs at most this much further ahead.
+BATCH_JOIN_SECONDS = PACE_LEAD_SECONDS / 2
+
+__all__ = ["PACE_LEAD_SECONDS", "MediaChunk", "Scheduler", "ServedStream"]
 
 
-@dataclass
-class MediaChunk:
-    """Frames of one stream, encoded and ready to send, with where their time went."""
+class ServedStream(Stream):
+    """A runner stream with a client: its request, pacing and outgoing messages.
 
-    index: int | None  # generated chunk number; None for the reconstruction of an uploaded image or clip
-    first_frame: int  # position in the stream's timeline
-    frames: int
-    segments: list[Segment]  # the init segment first in a stream's first media, then fragments
-    steps: int | None
-    prompt: str
-    timing: ChunkTiming
-    encode: float  # seconds
-
-
-class Stream:
-    """One session as the scheduler sees it: its request, library session, encoder and outgoing messages.
-
-    Owned by one connection, which reads `messages()`. While a job of this stream runs on the worker thread,
+    Owned by one connection, which reads `messages()`. While a job of this stream runs on a worker thread,
     `session`, `encoder`, `chunks` and `frames` belong to that thread: the loop only reads counts meanwhile.
     """
 
     def __init__(self, request: Start, context: np.ndarray | None, buffer: int, wake: Callable[[], None]) -> None:
+        source = {"i2v": "image", "v2v": "video"}.get(request.mode)
+        extend = {source: context} if source else {}
+        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed  # one every client can replay
+        super().__init__(request.prompt, seed=seed, steps=request.steps, target_fps=request.target_fps, **extend)
         self.request = request
-        self.context = context  # decoded upload (i2v/v2v), handed to the session when it opens
-        self.steps = request.steps  # None: the model's default
-        self.pending_prompt: str | None = None  # applied before the next chunk
         self.paused = False
         self.closed = False
         self.position: int | None = None  # place in the waiting queue, as last told to the client
-        self.session: Session | None = None
-        self.encoder: FragmentedMp4Encoder | None = None
-        self.chunks = 0  # generated chunks
-        self.frames = 0  # frames encoded: the timeline's end
+        self.in_flight = 0  # chunks in the runner: denoising, or denoised and not yet encoded
         self._due = -math.inf  # paced streams: when the next chunk may start
         self._buffer = buffer
         self._wake = wake
@@ -75,7 +69,6 @@ class Stream:
         self._media: deque[MediaChunk] = deque()  # at most `buffer`
         self._changed = asyncio.Event()
 
-    # -- loop side -----------------------------------------------------------------------------------------
     def push(self, message: dict[str, Any]) -> None:
         self._events.append(message)
         self._changed.set()
@@ -92,10 +85,10 @@ class Stream:
         self._due = max(self._due, now - PACE_LEAD_SECONDS) + chunk.frames / self.session.fps
 
     def delay(self, now: float) -> float:
-        """Seconds until this stream can use the worker; `inf` until something changes (resume, buffer room)."""
+        """Seconds until this stream can use a turn; `inf` until something changes (resume, buffer room)."""
         if self.session is None:
             return 0.0
-        if self.paused or len(self._media) >= self._buffer:
+        if self.paused or len(self._media) + self.in_flight >= self._buffer:
             return math.inf
         return max(0.0, self._due - now) if self.request.realtime else 0.0
 
@@ -122,67 +115,34 @@ class Stream:
                 self._changed.clear()
                 await self._changed.wait()
 
-    # -- worker side ---------------------------------------------------------------------------------------
-    def open(self, pipe: StreamingPipeline) -> MediaChunk | None:
-        """Start the library session and the encoder; an uploaded image or clip, reconstructed, is the first media."""
-        request, context, self.context = self.request, self.context, None
-        source = {"i2v": "image", "v2v": "video"}.get(request.mode)
-        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed  # one every client can replay
-        self.session = pipe.start_session(
-            request.prompt, seed=seed, steps=request.steps, **({source: context} if source else {})
-        )
-        config = self.session.config
-        self.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
-        if self.session.context_frames is None:
-            return None
-        return self._encode(None, self.session.context_frames, ChunkTiming(), steps=None)
-
-    def generate(self, prompt: str | None, steps: int | None) -> MediaChunk:
-        """The next chunk, under a new prompt if one came since the last."""
-        if prompt is not None:
-            self.session.set_prompt(prompt)
-        frames = self.session.next_chunk(steps)
-        self.chunks += 1
-        return self._encode(self.chunks - 1, frames, self.session.timing, steps or self.session.config.steps)
-
-    def _encode(self, index: int | None, frames: np.ndarray, timing: ChunkTiming, steps: int | None) -> MediaChunk:
-        start = time.perf_counter()
-        segments = self.encoder.encode(frames)
-        encode = time.perf_counter() - start
-        chunk = MediaChunk(index, self.frames, len(frames), segments, steps, self.session.prompt, timing, encode)
-        self.frames += len(frames)
-        return chunk
-
-    def release(self) -> None:
-        """Free the model state (KV and decoder caches) and the encoder now, not whenever the GC runs."""
-        if self.session is not None:
-            self.session.close()
-            self.session = None
-        if self.encoder is not None:
-            self.encoder.flush()
-            self.encoder = None
-        self.context = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.session.nbytes if self.session is not None else 0
-
 
 class Scheduler:
-    """At most `max_active` streams hold a slot; the rest wait in a FIFO queue and are told their position.
+    """Admits streams while their memory fits the runner's budget and fewer than `max_active` hold a slot; the
+    rest wait in a FIFO queue. Admitted streams take batched turns on the runner."""
 
-    Slots take turns on the worker, one job (open, or one chunk) each, least recently served first.
-    """
-
-    def __init__(self, pipe: StreamingPipeline, *, max_active: int, limits: Limits) -> None:
+    def __init__(
+        self,
+        pipe: StreamingPipeline,
+        *,
+        max_active: int,
+        limits: Limits,
+        memory_budget: int | None = None,
+        overlap: bool = False,
+    ) -> None:
+        """`memory_budget`: bytes for sessions (default: `runtime.default_memory_budget`); `overlap`: decode and
+        encode a turn's chunks on a second thread while the next turn denoises."""
         if max_active < 1:
             raise ValueError(f"max_active must be at least 1, got {max_active}")
         self.pipe, self.max_active, self.limits = pipe, max_active, limits
-        self._active: list[Stream] = []  # in turn order: the next served is the first ready
-        self._queue: deque[Stream] = deque()
-        self._busy: Stream | None = None  # the stream whose job runs on the worker
+        self.runner = Runner(pipe, memory_budget)
+        self._active: list[ServedStream] = []  # admitted, holding a slot
+        self._queue: deque[ServedStream] = deque()
+        self._held: set[ServedStream] = set()  # holding a reservation: admitted, or closed while in the runner
+        self._running: set[ServedStream] = set()  # in the job on the worker
         self._wake = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgen-worker")
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgen-encoder") if overlap else None
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
@@ -194,21 +154,28 @@ class Scheduler:
 
     @property
     def nbytes(self) -> int:
-        """Model memory held by sessions: live ones, and one whose client left during its running chunk."""
-        return sum(stream.nbytes for stream in {*self._active, self._busy} - {None})
+        """Model memory held by sessions now: live ones, and ones whose client left during their running chunk."""
+        return sum(stream.nbytes for stream in self._held)
 
-    def open(self, request: Start, context: np.ndarray | None) -> Stream:
-        """A new stream: given a slot now, or queued, or refused when the queue is full too."""
-        if len(self._active) >= self.max_active and len(self._queue) >= self.limits.max_queued:
-            raise ProtocolError(ErrorCode.SERVER_FULL, "every session slot is busy and the waiting queue is full")
-        stream = Stream(request, context, self.limits.chunk_buffer, self._wake.set)
+    def open(self, request: Start, context: np.ndarray | None) -> ServedStream:
+        """A new stream: given a slot now, or queued, or refused when it can never fit or the queue is full too."""
+        need, budget = self.runner.stream_bytes(), self.runner.memory_budget
+        if need > budget:
+            raise ProtocolError(
+                ErrorCode.SERVER_FULL, f"a session needs {need / 2**20:.0f} MiB, over the server's memory budget "
+                f"of {budget / 2**20:.0f} MiB"
+            )
+        stream = ServedStream(request, context, self.limits.chunk_buffer, self._wake.set)
         self._queue.append(stream)
         self._fill()
+        if len(self._queue) > self.limits.max_queued:
+            self._queue.remove(stream)
+            raise ProtocolError(ErrorCode.SERVER_FULL, "no session fits now and the waiting queue is full")
         return stream
 
-    def close(self, stream: Stream, reason: str) -> None:
-        """End a stream: `stopped` to its client, its slot to the next in the queue, its memory freed at once
-        (or right after its running chunk)."""
+    def close(self, stream: ServedStream, reason: str) -> None:
+        """End a stream: `stopped` to its client, its memory freed at once (or right after its chunk in the
+        runner), and its slot to the next in the queue."""
         if stream.closed:
             return
         stream.closed = True
@@ -217,69 +184,114 @@ class Scheduler:
             self._queue.remove(stream)
         else:
             self._active.remove(stream)
-        if stream is not self._busy:
-            stream.release()
-        self._fill()
+        self._settle(stream)
 
-    def pause(self, stream: Stream, paused: bool) -> None:
+    def pause(self, stream: ServedStream, paused: bool) -> None:
         stream.paused = paused
         self._wake.set()
 
+    def _room(self) -> bool:
+        return len(self._active) < self.max_active
+
     def _fill(self) -> None:
-        while self._queue and len(self._active) < self.max_active:
+        """Admit from the head of the queue while a slot is free and the head's memory fits."""
+        while self._queue and self._room() and self.runner.admit(self._queue[0]):
             stream = self._queue.popleft()
             stream.position = None
             self._active.append(stream)
+            self._held.add(stream)
             self._wake.set()
         for position, stream in enumerate(self._queue, 1):
             if stream.position != position:
                 stream.tell_position(position)
 
+    def _settle(self, stream: ServedStream) -> None:
+        """A closed stream's memory goes back once nothing of it is left in the runner; then the queue moves."""
+        if stream.closed and stream in self._held and stream not in self._running and not stream.in_flight:
+            self._held.discard(stream)
+            self.runner.release(stream)
+        self._fill()
+
     async def run(self) -> None:
-        """Forever: the next ready stream's job on the worker thread."""
+        """Forever: open the next admitted stream, or run a turn for every stream that can use one."""
         loop = asyncio.get_running_loop()
         while True:
-            stream = await self._next()
-            opening = stream.session is None
-            if opening:
-                job = partial(stream.open, self.pipe)
-            else:
-                prompt, stream.pending_prompt = stream.pending_prompt, None
-                job = partial(stream.generate, prompt, stream.steps)
-            self._busy = stream
+            streams = await self._next()
+            opening = streams[0].session is None
+            job = partial(self.runner.open, streams[0]) if opening else partial(self.runner.denoise, streams)
+            self._running.update(streams)
             try:
-                chunk = await loop.run_in_executor(self._worker, job)
-            except Exception as e:  # noqa: BLE001 - any failure ends this stream, never the server
-                self._busy = None
-                self._fail(stream, e)
+                result = await loop.run_in_executor(self._worker, job)
+            except Exception as e:  # noqa: BLE001 - any failure ends these streams, never the server
+                self._running.difference_update(streams)
+                for stream in streams:
+                    self._fail(stream, e)
                 continue
-            self._busy = None
-            if stream.closed:  # its client left while the chunk ran
-                stream.release()
-                continue
+            self._running.difference_update(streams)
             if opening:
-                stream.push(self._started(stream))
-            if chunk is not None:
-                stream.put(chunk, time.monotonic())
+                self._opened(streams[0], result)
+                continue
+            for stream in streams:
+                stream.in_flight += 1  # until delivered: counts against its buffer
+            if self._encoder is None:
+                await self._deliver(result, self._worker)
+            else:  # the next turn denoises meanwhile
+                task = asyncio.create_task(self._deliver(result, self._encoder))
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
 
-    async def _next(self) -> Stream:
-        """The least recently served stream that can use the worker now; sleeps until one can."""
+    async def _next(self) -> list[ServedStream]:
+        """A stream to open, or the streams ready for a turn (with paced ones due soon); sleeps until there are."""
         while True:
             self._wake.clear()
             now = time.monotonic()
-            delays = [(stream.delay(now), stream) for stream in self._active]
-            ready = next((stream for delay, stream in delays if delay <= 0), None)
-            if ready is not None:
-                self._active.remove(ready)
-                self._active.append(ready)
-                return ready
+            delays = [(stream.delay(now), stream) for stream in self._active if stream not in self._running]
+            opening = next((stream for _, stream in delays if stream.session is None), None)
+            if opening is not None:
+                return [opening]
+            if any(delay <= 0 for delay, _ in delays):
+                return [stream for delay, stream in delays if delay <= BATCH_JOIN_SECONDS]
             timeout = min((delay for delay, _ in delays), default=math.inf)
             try:
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)
             except TimeoutError:
                 pass
 
-    def _started(self, stream: Stream) -> dict[str, Any]:
+    def _opened(self, stream: ServedStream, context: MediaChunk | None) -> None:
+        if stream.closed:  # its client left while it opened
+            self._settle(stream)
+            return
+        stream.push(self._started(stream))
+        if context is not None:
+            stream.put(context, time.monotonic())
+
+    async def _deliver(self, denoised: list[Denoised], executor: ThreadPoolExecutor) -> None:
+        """Decode and encode a turn's chunks as one job, so that each stream's chunks stay in order."""
+        results = await asyncio.get_running_loop().run_in_executor(executor, self._deliver_all, denoised)
+        for chunk, result in zip(denoised, results):
+            stream = chunk.stream
+            stream.in_flight -= 1
+            if isinstance(result, Exception):
+                self._fail(stream, result)
+            elif stream.closed:
+                self._settle(stream)
+            else:
+                stream.put(result, time.monotonic())
+        self._wake.set()
+
+    def _deliver_all(self, denoised: list[Denoised]) -> list[MediaChunk | Exception | None]:
+        results: list[MediaChunk | Exception | None] = []
+        for chunk in denoised:
+            if chunk.stream.closed:  # its client left: skip the work, its memory is freed next
+                results.append(None)
+                continue
+            try:
+                results.append(self.runner.deliver(chunk))
+            except Exception as e:  # noqa: BLE001 - reported per stream by `_deliver`
+                results.append(e)
+        return results
+
+    def _started(self, stream: ServedStream) -> dict[str, Any]:
         config = stream.session.config
         return event(
             "started",
@@ -289,11 +301,14 @@ class Scheduler:
             height=config.height,
             fps=config.fps,
             seed=stream.session.seed,
-            steps=config.steps,
+            steps=config.steps if stream.steps is None else stream.steps,
             context_frames=stream.frames,
         )
 
-    def _fail(self, stream: Stream, e: Exception) -> None:
+    def _fail(self, stream: ServedStream, e: Exception) -> None:
+        if stream.closed:
+            self._settle(stream)
+            return
         if isinstance(e, MediaError):
             stream.push(error(ErrorCode.BAD_MEDIA, str(e)))
         else:
@@ -302,12 +317,15 @@ class Scheduler:
         self.close(stream, "error")
 
     async def shutdown(self) -> None:
-        """Stop every stream (`stopped`, reason "shutdown"), let a running chunk finish, free everything.
+        """Stop every stream (`stopped`, reason "shutdown"), let running chunks finish, free everything.
 
-        Call after the `run` task is cancelled, so no new job starts."""
+        Call after the `run` task is cancelled, so no new turn starts."""
         for stream in [*self._queue, *self._active]:
             self.close(stream, "shutdown")
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
         await asyncio.to_thread(self._worker.shutdown)
-        if self._busy is not None:
-            self._busy.release()
-            self._busy = None
+        if self._encoder is not None:
+            await asyncio.to_thread(self._encoder.shutdown)
+        for stream in list(self._held):
+            self._held.discard(stream)
+            self.runner.release(stream)
