@@ -65,8 +65,10 @@ class Connection:
         self._writing = asyncio.Lock()  # a `segment` header and its bytes go out back to back
 
     async def open(self) -> None:
-        """Greet the client with what it needs before a `start`: protocol version, stream format, limits."""
-        config = self.scheduler.pipe.config
+        """Greet the client with what it needs before a `start`: protocol version, stream format, limits, and what
+        helps a person prompt this model (its example prompts; the words it knows, when its vocabulary is closed)."""
+        pipe = self.scheduler.pipe
+        config = pipe.config
         await self._emit(
             event(
                 "ready",
@@ -78,6 +80,8 @@ class Connection:
                 max_steps=MAX_STEPS,
                 modes=list(MODES),
                 limits=self.limits.announce(),
+                example_prompts=pipe.example_prompts,
+                vocabulary=pipe.known_words(),
             )
         )
 
