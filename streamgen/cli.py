@@ -47,10 +47,23 @@ def generate(args: argparse.Namespace) -> int:
         if json.loads((Path(args.model) / "model_index.json").read_text()).get("_class_name") == "AnyFlowPipeline":
             return _generate_bidirectional(args)
     pipe = load_pipeline(args)
-    session = pipe.start_session(
-        args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width, image=args.image, video=args.video
-    )
+    extend = {"image": args.image} if args.image else {"video": args.video} if args.video else {}
+    if args.context_seconds is not None:
+        extend["max_context_frames"] = max(1, round(args.context_seconds * pipe.config.fps))
+    shape = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s"
+    with tqdm(total=1.0, desc="reading", bar_format=shape, disable=not extend, leave=False) as bar:
+
+        def progress(done: float, total: float) -> None:
+            bar.total = round(total, 1)
+            bar.update(round(done, 1) - bar.n)
+
+        session = pipe.start_session(
+            args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
+            keep_input=args.keep_input, progress=progress, **extend,
+        )  # fmt: skip
     fps = session.fps
+    if session.context is not None:
+        _describe(session.context, "image" if args.image else "video")
     target = max(1, math.ceil(args.seconds * fps))
     with session, Mp4Writer(args.output, fps=fps) as writer:
         if session.context_frames is not None:
@@ -65,6 +78,14 @@ def generate(args: argparse.Namespace) -> int:
                 bar.set_postfix(chunk_ms=f"{1000 * session.timing.total:.0f}")
     print(f"wrote {args.output} ({writer.frames_written} frames at {fps} fps)")
     return 0
+
+
+def _describe(clip, kind: str) -> None:
+    """Tell what part of the input is extended, and what was wrong with it."""
+    if clip.damaged:
+        print(f"streamgen generate: warning: the {kind} is damaged: {clip.damaged}", file=sys.stderr)
+    if kind == "video" and clip.source_seconds is not None and clip.source_seconds > clip.seconds + 1 / clip.fps:
+        print(f"extending the last {clip.seconds:.2f} s of the {clip.source_seconds:.2f} s clip (--context-seconds)")
 
 
 def _generate_bidirectional(args: argparse.Namespace) -> int:
@@ -105,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--image", help="extend this image (I2V)")
     source.add_argument("--video", help="extend this video (V2V)")
+    gen.add_argument(
+        "--context-seconds", type=float, help="extend the last this many seconds of --video (default: about 2)"
+    )
+    gen.add_argument(
+        "--keep-input", action="store_true",
+        help="start the output with the input frames themselves (resized), not the model's reconstruction of them",
+    )  # fmt: skip
     _add_model_args(gen)
     gen.set_defaults(run=generate)
 
@@ -135,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ Only the frames used are read: the last ones of a clip, the first of an image.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -86,7 +87,12 @@ def read(
 ) -> media.Clip:
     """Media to extend, as a clip fitted to `(height, width)`: the first frame (`first`) or the last `max_frames`.
 
-    Frames given in memory are taken to be at the stream's `fps`; files are resampled to it by timestamp."""
+    Frames given in memory are taken to be at the stream's `fps`; files are resampled to it by timestamp. A
+    `media.Clip` (read already, e.g. by a server from an upload) keeps its timing."""
+    if isinstance(value, media.Clip):
+        if value.frames.shape[1:3] != (height, width) or value.fps != fps:
+            raise ValueError(f"{name}: a clip read for {value.frames.shape[1:3]} at {value.fps:g} fps, not this stream's")
+        return dataclasses.replace(value, frames=value.frames[:1] if first else value.frames[-max_frames:])
     if isinstance(value, FILE_TYPES) or hasattr(value, "read"):
         return media.read_clip(
             value, height=height, width=width, fps=fps, max_frames=max_frames, first=first, progress=progress

@@ -182,12 +182,15 @@ class StreamingPipeline:
         guidance_scale: float | None = None,
         target_fps: float | None = None,
         max_context_frames: int = inputs.DEFAULT_CONTEXT_FRAMES,
+        keep_input: bool = False,
         progress: media.Progress | None = None,
     ) -> "Session":
         """Open a stream. `image`/`video` become its clean past: a path, bytes, a file object, a PIL image, an
         array or tensor with or without a frame axis, or a list of frames (`streamgen.inputs`). A clip is resampled
         to the stream's fps and only its last `max_context_frames` are read; an image's first frame is used.
-        `progress(seconds read, seconds to read)` follows the reading of a file.
+        `progress(seconds read, seconds to read)` follows the reading of a file. `session.context_frames`, what
+        is shown for that past, is the VAE's reconstruction of it, or with `keep_input` the input frames themselves
+        (resized): the reconstruction is what the model continues, the input is what its owner recognises.
 
         Unset options take the model's stream config; `window=None` keeps every chunk (the reference's behaviour).
         `target_fps` makes the step budget adaptive: each chunk gets the most steps that hold that rate, starting
@@ -210,7 +213,9 @@ class StreamingPipeline:
                 source, name, height=config.height, width=config.width, fps=config.fps, max_frames=limit,
                 first=image is not None, progress=progress,
             )  # fmt: skip
-        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, context, budget)
+        if not isinstance(keep_input, bool):
+            raise TypeError(f"keep_input must be True or False, got {keep_input!r:.40}")
+        return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, context, budget, keep_input)
 
     def _config(self, steps, height, width, window, sink, guidance_scale) -> StreamConfig:
         """The model's stream config with the caller's changes, each checked and named in its error."""
@@ -293,6 +298,7 @@ class Session:
         seed: int | None,
         context: media.Clip | None,
         budget: StepController | None = None,
+        keep_input: bool = False,
     ) -> None:
         self.pipe, self.config = pipe, config
         self.negative_prompt = negative_prompt
@@ -312,10 +318,10 @@ class Session:
         self.last_steps: int | None = None  # steps the latest chunk took
         self._usage_seen = (pipe.usage.busy, pipe.usage.chunks)  # the device's usage after this session's last chunk
         self.closed = False
-        self.context_frames: np.ndarray | None = None  # decoded reconstruction of an image/video given to extend
-        self.context: media.Clip | None = None  # what was extended: the fitted original frames, and from what
+        self.context_frames: np.ndarray | None = None  # what is shown of the image/video extended (see start_session)
+        self.context: media.Clip | None = None  # what was extended: the fitted input frames, and from what
         if context is not None:
-            self._extend(context)
+            self._extend(context, keep_input)
 
     # -- public API ----------------------------------------------------------------------------------------
     def next_chunk(self, steps: int | None = None, noise: torch.Tensor | None = None, output_type: str = "np"):
@@ -346,7 +352,7 @@ class Session:
         self.closed = True
         self.cache.clear()
         self.decoder.close()
-        self.context_frames = None
+        self.context_frames = self.context = None
 
     @property
     def nbytes(self) -> int:
@@ -429,7 +435,7 @@ class Session:
             raise ValueError("with guidance, prompt_embeds must have the text encoder's sequence length")
         return TextCondition(embeds, negative, self.config.guidance_scale)
 
-    def _extend(self, clip: media.Clip) -> None:
+    def _extend(self, clip: media.Clip, keep_input: bool) -> None:
         """Encode an image or clip and make it the clean past the stream continues from (I2V / V2V). Its last
         1 + 4k frames are used (the counts the VAE encodes whole)."""
         frames = media.trim_to_4k_plus_1(clip.frames)
@@ -444,7 +450,7 @@ class Session:
             reconstruction.append(to_uint8_frames(self.decoder.decode(chunk.to(pipe.vae.dtype)).float()))
             self.chunk_index += 1
             start += size
-        self.context_frames = np.concatenate(reconstruction)
+        self.context_frames = frames if keep_input else np.concatenate(reconstruction)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -72,11 +72,13 @@ class Stream:
         target_fps: float | None = None,
         image: np.ndarray | None = None,
         video: np.ndarray | None = None,
+        keep_input: bool = False,
     ) -> None:
         self.prompt = prompt
         self.seed = seed  # None: the session draws one
         self.set_budget(steps, target_fps)
         self.image, self.video = image, video  # handed to the session when it opens, then dropped
+        self.keep_input = keep_input  # show the image or clip itself, not its reconstruction (`start_session`)
         self.pending_prompt: str | None = None  # applied before the next chunk
         self.session: Session | None = None
         self.encoder: FragmentedMp4Encoder | None = None
@@ -184,7 +186,7 @@ class Runner:
     def open(self, stream: Stream) -> MediaChunk | None:
         """Start the stream's session and encoder; an uploaded image or clip, reconstructed, is its first media."""
         extend = {"image": stream.image} if stream.image is not None else {"video": stream.video}
-        stream.session = self.pipe.start_session(stream.prompt, seed=stream.seed, **extend)
+        stream.session = self.pipe.start_session(stream.prompt, seed=stream.seed, keep_input=stream.keep_input, **extend)
         stream.seed = stream.session.seed
         stream.image = stream.video = None
         config = stream.session.config

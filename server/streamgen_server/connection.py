@@ -9,8 +9,11 @@ can name another connection's), and writes that stream's events and media back i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from streamgen import media
@@ -35,6 +38,11 @@ from .protocol import (
 from .scheduler import MediaChunk, Scheduler, ServedStream
 
 Send = Callable[[str | bytes], Awaitable[None]]
+log = logging.getLogger(__name__)
+# Uploads are decoded on these threads, never on the generation worker, and at most this many at once: each may
+# hold a decoder's frames of up to `max_pixels`, and generation keeps its cores.
+UPLOAD_DECODES = 2
+_upload_decoders = ThreadPoolExecutor(max_workers=UPLOAD_DECODES, thread_name_prefix="streamgen-upload")
 
 
 class TokenBucket:
@@ -152,14 +160,18 @@ class Connection:
                 ErrorCode.BAD_UPLOAD, f"announced {start.upload_bytes} bytes, received {len(data)}; start again"
             )
         config = self.scheduler.pipe.config
-        frames = 1 if start.mode == "i2v" else self.limits.max_context_frames
+        read = partial(
+            media.read_clip, data, height=config.height, width=config.width, fps=config.fps,
+            max_frames=self.limits.max_context_frames, first=start.mode == "i2v", max_pixels=self.limits.max_pixels,
+        )  # fmt: skip
         try:
-            context = await asyncio.to_thread(
-                media.read_frames, data, height=config.height, width=config.width, max_frames=frames
-            )
-        except media.MediaError as e:
+            clip = await asyncio.get_running_loop().run_in_executor(_upload_decoders, read)
+        except media.MediaError as e:  # worded by streamgen, never quoting FFmpeg (whose texts name local paths)
             raise ProtocolError(ErrorCode.BAD_MEDIA, str(e)) from None
-        await self._begin(start, context)
+        except Exception as e:  # noqa: BLE001 - whatever else a decoder raises, the connection stays usable
+            log.warning("upload unreadable: %s", type(e).__name__)
+            raise ProtocolError(ErrorCode.BAD_MEDIA, "the upload could not be read as an image or video") from None
+        await self._begin(start, clip)
 
     async def _begin(self, start: Start, context) -> None:
         if self._sender is not None:  # the previous stream's last messages go out before the new stream's

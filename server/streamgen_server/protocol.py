@@ -12,10 +12,15 @@ from enum import StrEnum
 from typing import Any
 
 from streamgen.config import check_steps
+from streamgen.inputs import DEFAULT_CONTEXT_FRAMES
+from streamgen.media import MAX_PIXELS
 from streamgen.runtime import AUTO
 
 PROTOCOL_VERSION = 1
 MODES = ("t2v", "i2v", "v2v")  # text, image or video to video; i2v and v2v are followed by one binary upload
+# What an i2v/v2v stream shows of its upload before the generated chunks: the VAE's reconstruction (what the model
+# continues) or the uploaded frames themselves, resized (what the uploader recognises).
+CONTEXTS = ("reconstruction", "original")
 MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
 MAX_TARGET_FPS = 240.0  # the most an "auto" step budget may be asked to hold
 
@@ -56,7 +61,8 @@ class Limits:
 
     max_message_bytes: int = 64 * 1024  # one JSON control message
     max_upload_bytes: int = 16 * 1024 * 1024  # one image or clip to extend
-    max_context_frames: int = 33  # frames of an uploaded clip that are decoded and kept (2 s at 16 fps)
+    max_context_frames: int = DEFAULT_CONTEXT_FRAMES  # the last frames of an uploaded clip, at the stream's fps
+    max_pixels: int = MAX_PIXELS  # frames of an upload declaring more are refused before decoding
     max_prompt_chars: int = 2000
     messages_per_second: float = 50.0  # sustained rate of client messages...
     message_burst: int = 200  # ...with bursts up to this many
@@ -70,6 +76,7 @@ class Limits:
             "max_message_bytes": self.max_message_bytes,
             "max_upload_bytes": self.max_upload_bytes,
             "max_context_frames": self.max_context_frames,
+            "max_pixels": self.max_pixels,
             "max_prompt_chars": self.max_prompt_chars,
             "messages_per_second": self.messages_per_second,
             "message_burst": self.message_burst,
@@ -86,6 +93,7 @@ class Start:
     target_fps: float | None = None  # "auto" steps: the rate to hold (default: the stream's fps)
     upload_bytes: int = 0  # i2v/v2v: size of the binary message that must follow
     realtime: bool = True  # pace generation to playback speed (a viewer) or run flat out (a recorder)
+    context: str = CONTEXTS[0]  # i2v/v2v: what is shown of the upload (CONTEXTS)
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,10 @@ def parse(text: str, limits: Limits) -> Command:
 
 # type -> (allowed fields, required fields)
 _FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    "start": ({"protocol", "mode", "prompt", "seed", "steps", "target_fps", "upload_bytes", "realtime"}, {"prompt"}),
+    "start": (
+        {"protocol", "mode", "prompt", "seed", "steps", "target_fps", "upload_bytes", "realtime", "context"},
+        {"prompt"},
+    ),
     "prompt": ({"prompt"}, {"prompt"}),
     "steps": ({"steps", "target_fps"}, {"steps"}),
     "pause": (set(), set()),
@@ -177,7 +188,12 @@ def _start(data: dict[str, Any], limits: Limits) -> Start:
     else:
         if isinstance(upload, int) and upload > limits.max_upload_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"start: uploads are limited to {limits.max_upload_bytes} bytes")
+        if upload == 0 and not isinstance(upload, bool):
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, "start: the file is empty (upload_bytes 0)")
         upload = _integer(upload, "upload_bytes", 1, limits.max_upload_bytes)
+    context = data.get("context", CONTEXTS[0])
+    if context not in CONTEXTS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: context must be one of {list(CONTEXTS)}")
     realtime = data.get("realtime", True)
     if not isinstance(realtime, bool):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: realtime must be true or false")
@@ -190,6 +206,7 @@ def _start(data: dict[str, Any], limits: Limits) -> Start:
         target_fps=_target_fps(data),
         upload_bytes=upload,
         realtime=realtime,
+        context=context,
     )
 
 

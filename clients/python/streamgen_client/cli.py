@@ -26,6 +26,11 @@ def _show(message: dict[str, Any]) -> None:
             f"started {message['mode']}: {message['width']}x{message['height']} at {message['fps']} fps, "
             f"{message['codec']}, seed {message['seed']}, {message['context_frames']} context frames"
         )
+        if "context_seconds" in message:
+            of = f" of {message['upload_seconds']:.2f} s" if message.get("upload_seconds") is not None else ""
+            print(f"extending the last {message['context_seconds']:.2f} s{of}, shown as its {message['context']}")
+        if "warning" in message:
+            print(f"warning: {message['warning']}", file=sys.stderr)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -36,6 +41,8 @@ async def _run(args: argparse.Namespace) -> int:
         changes.setdefault(chunk, []).append({"type": "steps", "steps": steps})
     source = args.image or args.video
     upload = {"mode": "i2v" if args.image else "v2v", "upload": Path(source).read_bytes()} if source else {}
+    if source and args.context:
+        upload["context"] = args.context
     began = time.perf_counter()
     async with await StreamClient.connect(args.url, args.token) as client:
         recording = await record(
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", help="extend this image (i2v)")
     source.add_argument("--video", help="extend this video (v2v)")
+    parser.add_argument(
+        "--context", choices=("reconstruction", "original"),
+        help="what the stream shows of --image/--video before its chunks (default: the server's, reconstruction)",
+    )  # fmt: skip
     parser.add_argument("--token", help="the server's token, if it requires one")
     parser.add_argument(
         "--prompt-at",

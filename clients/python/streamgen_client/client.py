@@ -63,9 +63,21 @@ class StreamClient:
         mode: str = "t2v",
         upload: bytes | None = None,
         realtime: bool = False,
+        context: str | None = None,
     ) -> None:
-        """Open the session; i2v/v2v send the image or clip right after the `start` that announces its size."""
-        optional = {"seed": seed, "steps": steps, "upload_bytes": len(upload) if upload is not None else None}
+        """Open the session; i2v/v2v send the image or clip right after the `start` that announces its size.
+
+        `context` ("reconstruction" or "original"): what the stream shows of the upload before its generated chunks.
+        An empty upload, or one over the server's announced `max_upload_bytes`, is refused here, before sending."""
+        if upload is not None:
+            limit = self.ready.get("limits", {}).get("max_upload_bytes")
+            if not upload:
+                raise ValueError("the file is empty")
+            if limit is not None and len(upload) > limit:
+                raise ValueError(f"the file is {len(upload)} bytes; this server takes uploads of at most {limit} bytes")
+        optional = {
+            "seed": seed, "steps": steps, "context": context, "upload_bytes": len(upload) if upload is not None else None
+        }  # fmt: skip
         fields = {name: value for name, value in optional.items() if value is not None}
         await self.send("start", mode=mode, prompt=prompt, realtime=realtime, **fields)
         if upload is not None:
