@@ -27,6 +27,14 @@ def byte_size(text: str) -> int:
     return int(number * scale)
 
 
+def port(text: str) -> int:
+    """A TCP port number (argparse names this function in its message for a non-number)."""
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port (0 to 65535; 0 picks a free one)")
+    return number
+
+
 def load_pipeline(args: argparse.Namespace):
     from .pipeline import StreamingPipeline
 
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="live websocket server with a browser page")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=port, default=8765)
     serve.add_argument("--max-sessions", type=int, default=2)
     serve.add_argument(
         "--memory-budget",
@@ -150,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--allow-origin", action="append", metavar="ORIGIN", help="also accept pages from ORIGIN (repeatable)"
     )
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a host name clients reach the server as, besides --host, localhost and IP addresses (repeatable; "
+        "'*' for any, behind a proxy that checks it)",
+    )
+    # Limits: unset means the server's default (docs/protocol.md).
+    serve.add_argument("--max-sessions-per-client", type=int, help="live sessions per client IP address")
+    serve.add_argument("--max-pause-seconds", type=float, help="a session paused longer is stopped")
     serve.set_defaults(run=lambda a: __import__("streamgen_server.app", fromlist=["main"]).main(a))
 
     # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`.

@@ -1,7 +1,8 @@
-"""The websockets adapter: the live websocket, the web page, /healthz and /metrics on one port; `streamgen serve`.
+"""One server (`App`) and its websockets adapter: the live websocket, the web page, /healthz and /metrics on one
+port; `streamgen serve`.
 
-Everything protocol-shaped lives in `connection` and `scheduler`; this module only maps websockets' handshake,
-messages and close onto them, so another transport (an ASGI websocket) needs another adapter of this size.
+Everything protocol-shaped lives in `connection` and `scheduler`, and HTTP in `routes`; the adapter here only maps
+websockets' handshake, messages and close onto them, as `asgi` does for an ASGI server.
 """
 
 from __future__ import annotations
@@ -10,17 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import email.utils
-import hmac
-import http
-import json
 import logging
-import mimetypes
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -29,15 +25,35 @@ from websockets.http11 import Request, Response
 
 from streamgen.pipeline import StreamingPipeline
 
-from . import protocol
-from .connection import Connection
+from .connection import ClientSessions, Connection, TokenBucket
 from .metrics import Metrics
-from .protocol import ErrorCode, Limits
+from .protocol import Limits
+from .routes import WEB_ROOT, WEBSOCKET_PATH, Reply, Routes, allowed_hosts
 from .scheduler import Scheduler
 
-WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"  # the project is installed editable
-WEBSOCKET_PATH = "/ws"
 SHUTDOWN_FLUSH_SECONDS = 2.0  # how long a graceful shutdown waits for clients to be told `stopped`
+
+
+class LogThrottle(logging.Filter):
+    """At most `burst` records, then `per_minute` a minute, with a count of those dropped: a client that makes
+    every session fail must not flood the log with a traceback each."""
+
+    def __init__(self, per_minute: float = 6, burst: int = 10) -> None:
+        super().__init__()
+        self._bucket = TokenBucket(per_minute / 60, burst)
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._bucket.take():
+            self._dropped += 1
+            return False
+        if self._dropped:
+            record.msg = f"{record.msg} ({self._dropped} similar records dropped before this one)"
+            self._dropped = 0
+        return True
+
+
+logging.getLogger(Scheduler.__module__).addFilter(LogThrottle())  # where failed streams are logged
 
 
 class App:
@@ -50,24 +66,36 @@ class App:
         max_sessions: int = 2,
         token: str | None = None,
         origins: Sequence[str] = (),
+        hosts: Iterable[str] = allowed_hosts(""),
         limits: Limits = Limits(),
         web_root: Path = WEB_ROOT,
         memory_budget: int | None = None,
         overlap: bool = False,
     ) -> None:
         """`origins`: pages of other sites allowed to open the websocket (the server's own host always is);
-        `memory_budget`, `overlap`: see `Scheduler`."""
+        `hosts`: the names the server may be reached as (`routes.allowed_hosts`); `memory_budget`, `overlap`:
+        see `Scheduler`."""
         self.scheduler = Scheduler(
             pipe, max_active=max_sessions, limits=limits, memory_budget=memory_budget, overlap=overlap
         )
         self.metrics = Metrics(self._gauges, lambda: self.scheduler.runner.batch_sizes)
-        self.token, self.origins, self.limits, self.web_root = token, set(origins), limits, web_root
+        self.limits = limits
         self.connections: set[Connection] = set()
+        self.sessions = ClientSessions(limits.max_sessions_per_client)
+        self.routes = Routes(
+            metrics=self.metrics,
+            health=self._health,
+            connections=lambda: len(self.connections),
+            max_connections=limits.max_connections,
+            token=token,
+            origins=origins,
+            hosts=hosts,
+            web_root=web_root,
+        )
 
     async def serve(self, host: str, port: int, stop: asyncio.Event, on_listening: Callable[[int], None]) -> None:
         """Serve until `stop` is set, then shut down gracefully: every client is told `stopped`, a running chunk
-        finishes, sessions are freed, sockets close with 1001 (going away)."""
-        runner = asyncio.create_task(self.scheduler.run())
+        finishes, sessions are freed, sockets close with 1001 (going away). Raises OSError if it cannot listen."""
         async with serve(
             self._handle,
             host,
@@ -78,6 +106,7 @@ class App:
             max_queue=4,  # frames buffered per connection before TCP pushes back on the client
             server_header="streamgen",
         ) as server:
+            runner = asyncio.create_task(self.scheduler.run())
             on_listening(server.sockets[0].getsockname()[1])
             await stop.wait()
             runner.cancel()
@@ -95,9 +124,22 @@ class App:
             "memory_reserved_bytes": ("Bytes reserved by admitted sessions (their most).", self.scheduler.runner.reserved),
         }
 
-    async def _handle(self, websocket: ServerConnection) -> None:
-        connection = Connection(self.scheduler, websocket.send, self.metrics)
+    def _health(self) -> dict:
+        return {"status": "ok", "active": self.scheduler.active, "queued": self.scheduler.queued}
+
+    def connect(self, send: Callable[[str | bytes], Awaitable[None]], client: str) -> Connection:
+        """A new client connection (`client`: its address), counted until `disconnect`."""
+        connection = Connection(self.scheduler, send, self.metrics, client=client, sessions=self.sessions)
         self.connections.add(connection)
+        return connection
+
+    async def disconnect(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        await connection.close()
+
+    # -- websockets adapter --------------------------------------------------------------------------------
+    async def _handle(self, websocket: ServerConnection) -> None:
+        connection = self.connect(websocket.send, websocket.remote_address[0])
         try:
             await connection.open()
             async for message in websocket:
@@ -105,57 +147,23 @@ class App:
         except ConnectionClosed:
             pass
         finally:
-            self.connections.discard(connection)
-            await connection.close()
+            await self.disconnect(connection)
 
-    # -- HTTP ----------------------------------------------------------------------------------------------
     def _route(self, websocket: ServerConnection, request: Request) -> Response | None:
         """None lets the websocket handshake go on; anything else is answered over plain HTTP."""
-        url = urlsplit(request.path)
-        if url.path == WEBSOCKET_PATH:
-            return self._admit(request, parse_qs(url.query))
-        if url.path == "/healthz":
-            health = {"status": "ok", "active": self.scheduler.active, "queued": self.scheduler.queued}
-            return _response(200, json.dumps(health).encode(), "application/json")
-        if url.path == "/metrics":
-            return _response(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        name = "index.html" if url.path == "/" else url.path.removeprefix("/")
-        page = self.web_root / name
-        if "/" not in name and page.is_file():  # files of the web folder itself, nothing above or below it
-            content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-            return _response(200, page.read_bytes(), content_type)
-        return self._refuse(404, ErrorCode.NOT_FOUND, f"no such page: {url.path[:100]}")
-
-    def _admit(self, request: Request, query: dict[str, list[str]]) -> Response | None:
-        """Handshake checks: capacity, token (query parameter, as browsers cannot set headers), origin."""
-        if len(self.connections) >= self.limits.max_connections:
-            return self._refuse(503, ErrorCode.SERVER_FULL, "too many connections")
-        if self.token is not None:
-            given = query.get("token", [""])[0]
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return self._refuse(401, ErrorCode.UNAUTHORIZED, "missing or wrong token")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin not in self.origins and urlsplit(origin).netloc != request.headers.get("Host"):
-            # A page of another site must not drive this server with its visitors' browsers.
-            return self._refuse(403, ErrorCode.FORBIDDEN_ORIGIN, f"origin {origin[:100]} is not allowed")
-        return None
-
-    def _refuse(self, status: int, code: ErrorCode, message: str) -> Response:
-        self.metrics.error(code)
-        return _response(status, protocol.encode(protocol.error(code, message)).encode(), "application/json")
+        reply = self.routes.route(request.method, request.path, request.headers.raw_items())
+        return None if reply is None else _response(reply)
 
 
-def _response(status: int, body: bytes, content_type: str) -> Response:
+def _response(reply: Reply) -> Response:
     headers = Headers(
         [
             ("Date", email.utils.formatdate(usegmt=True)),
             ("Connection", "close"),  # websockets answers one request per connection
-            ("Content-Length", str(len(body))),
-            ("Content-Type", content_type),
-            ("Cache-Control", "no-store"),
+            *reply.header_items(),
         ]
     )
-    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+    return Response(reply.status, reply.reason, headers, reply.payload)
 
 
 @dataclass
@@ -184,7 +192,7 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
     server: dict = {}
 
     async def run() -> None:
-        app, stop, loop = App(pipe, **options), asyncio.Event(), asyncio.get_running_loop()
+        app, stop, loop = App(pipe, **{"hosts": allowed_hosts(host), **options}), asyncio.Event(), asyncio.get_running_loop()
 
         def on_listening(bound: int) -> None:
             server.update(app=app, port=bound, stop=lambda: loop.call_soon_threadsafe(stop.set))
@@ -205,6 +213,12 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
         thread.join()
 
 
+def limits(args: argparse.Namespace) -> Limits:
+    """The limits `streamgen serve` was given; the rest keep their defaults."""
+    given = {name: getattr(args, name) for name in ("max_sessions_per_client", "max_pause_seconds")}
+    return Limits(**{name: value for name, value in given.items() if value is not None})
+
+
 def main(args: argparse.Namespace) -> int:
     """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM."""
     from streamgen.cli import load_pipeline
@@ -218,7 +232,9 @@ def main(args: argparse.Namespace) -> int:
         pipe,
         max_sessions=args.max_sessions,
         token=args.token,
-        origins=getattr(args, "allow_origin", None) or (),
+        origins=args.allow_origin or (),
+        hosts=allowed_hosts(args.host, args.allow_host or ()),
+        limits=limits(args),
         memory_budget=args.memory_budget,
     )
 
@@ -238,7 +254,10 @@ def main(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await app.serve(args.host, args.port, stop, listening)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run())
+    except OSError as e:  # a busy port, an address not of this machine: one line, not a traceback
+        raise RuntimeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print("streamgen serve: stopped", flush=True)
     return 0

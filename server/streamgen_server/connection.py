@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -62,14 +63,40 @@ class TokenBucket:
         return True
 
 
+class ClientSessions:
+    """Live sessions per client address, shared by one server's connections: an address holds at most `limit`
+    (with a slot or queued), so one client cannot take every slot and queue place by opening many connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._live: Counter[str] = Counter()
+
+    def claim(self, client: str) -> None:
+        if self._live[client] >= self.limit:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS, f"this address has {self.limit} sessions already; stop one first"
+            )
+        self._live[client] += 1
+
+    def release(self, client: str) -> None:
+        self._live[client] -= 1
+        if not self._live[client]:
+            del self._live[client]
+
+
 class Connection:
-    def __init__(self, scheduler: Scheduler, send: Send, metrics: Metrics) -> None:
+    def __init__(
+        self, scheduler: Scheduler, send: Send, metrics: Metrics, *, client: str, sessions: ClientSessions
+    ) -> None:
+        """`client`: the peer's address, whose live sessions `sessions` counts."""
         self.scheduler, self.metrics, self.limits = scheduler, metrics, scheduler.limits
+        self.client, self.sessions = client, sessions
         self._send = send
         self._bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
         self._upload: Start | None = None  # a start waiting for its binary upload
         self._stream: ServedStream | None = None
         self._sender: asyncio.Task[None] | None = None  # writes the stream's messages
+        self._pause_timer: asyncio.TimerHandle | None = None  # stops the stream once paused too long
         self._writing = asyncio.Lock()  # a `segment` header and its bytes go out back to back
 
     async def open(self) -> None:
@@ -145,8 +172,22 @@ class Connection:
                 self._require().set_budget(steps, target_fps)
             case Pause() | Resume():
                 paused = isinstance(command, Pause)
-                self.scheduler.pause(self._require(), paused)
+                stream = self._require()
+                self.scheduler.pause(stream, paused)
+                self._pause_clock(stream if paused else None)
                 await self._emit(event("paused" if paused else "resumed"))
+
+    def _pause_clock(self, stream: ServedStream | None) -> None:
+        """Start the clock of a paused `stream`, or stop it (None: resumed or ended). A session paused past
+        `max_pause_seconds` is stopped (reason "idle"): a paused viewer must not hold a slot that others wait for.
+        Pausing again does not restart the clock."""
+        if stream is None and self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        elif stream is not None and self._pause_timer is None:
+            self._pause_timer = asyncio.get_running_loop().call_later(
+                self.limits.max_pause_seconds, self.scheduler.close, stream, "idle"
+            )
 
     async def _uploaded(self, data: bytes) -> None:
         """The binary message after an i2v/v2v `start`: decoded here (off the loop), kept to the frames used."""
@@ -176,8 +217,19 @@ class Connection:
     async def _begin(self, start: Start, context) -> None:
         if self._sender is not None:  # the previous stream's last messages go out before the new stream's
             await self._sender
-        self._stream = self.scheduler.open(start, context)
+        self.sessions.claim(self.client)
+        try:
+            self._stream = self.scheduler.open(start, context)
+        except ProtocolError:
+            self.sessions.release(self.client)
+            raise
         self._sender = asyncio.create_task(self._forward(self._stream))
+        self._sender.add_done_callback(self._ended)  # also when cancelled before it ran
+
+    def _ended(self, _: asyncio.Task[None]) -> None:
+        """The stream's last message is out, or its client is gone: it no longer counts against its client."""
+        self.sessions.release(self.client)
+        self._pause_clock(None)
 
     def _live(self) -> ServedStream | None:
         return self._stream if self._stream is not None and not self._stream.closed else None

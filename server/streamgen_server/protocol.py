@@ -41,9 +41,13 @@ class ErrorCode(StrEnum):
     BAD_UPLOAD = "bad_upload"  # an upload whose size differs from the announced one
     BAD_MEDIA = "bad_media"  # an upload the media library cannot decode
     SERVER_FULL = "server_full"  # every session slot busy and the waiting queue full
+    TOO_MANY_SESSIONS = "too_many_sessions"  # this client address holds `max_sessions_per_client` sessions already
     UNAUTHORIZED = "unauthorized"  # handshake without the server's token (HTTP 401)
     FORBIDDEN_ORIGIN = "forbidden_origin"  # handshake from a page of another site (HTTP 403)
+    FORBIDDEN_HOST = "forbidden_host"  # a Host the server is not reachable as: DNS rebinding (HTTP 403)
     NOT_FOUND = "not_found"  # HTTP route that does not exist
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # HTTP method other than GET (and HEAD for pages) (HTTP 405)
+    BAD_REQUEST = "bad_request"  # HTTP request with a missing or repeated Host, or a repeated Origin (HTTP 400)
     INTERNAL = "internal"  # a failure of the server itself; the session ends, the connection stays
 
 
@@ -68,6 +72,8 @@ class Limits:
     message_burst: int = 200  # ...with bursts up to this many
     max_queued: int = 32  # sessions waiting for a slot
     max_connections: int = 128
+    max_sessions_per_client: int = 4  # live sessions (holding a slot or queued) of one client IP address
+    max_pause_seconds: float = 60.0  # a session paused longer is stopped (reason "idle"), freeing its slot
     chunk_buffer: int = 2  # encoded chunks waiting per session before its generation waits for the client
 
     def announce(self) -> dict[str, Any]:
@@ -80,6 +86,8 @@ class Limits:
             "max_prompt_chars": self.max_prompt_chars,
             "messages_per_second": self.messages_per_second,
             "message_burst": self.message_burst,
+            "max_sessions_per_client": self.max_sessions_per_client,
+            "max_pause_seconds": self.max_pause_seconds,
         }
 
 
@@ -215,6 +223,10 @@ def _prompt(value: Any, limits: Limits) -> str:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "prompt must be a non-empty string")
     if len(value) > limits.max_prompt_chars:
         raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"prompt is limited to {limits.max_prompt_chars} characters")
+    try:
+        value.encode()  # JSON can spell a lone surrogate ("\ud800"), which no text encoder takes
+    except UnicodeEncodeError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "prompt must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
