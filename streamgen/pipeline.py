@@ -63,6 +63,30 @@ class ChunkTiming:
 STAGES = tuple(field.name for field in dataclasses.fields(ChunkTiming))  # the one list of stage names
 
 
+@dataclass
+class Transition:
+    """A prompt change spread over `chunks` chunks: the i-th (1 to `chunks`) is conditioned on the text embeddings
+    `source + i / chunks * (target - source)`, so the last is wholly the new prompt."""
+
+    source: TextCondition
+    target: TextCondition
+    source_prompt: str | None
+    target_prompt: str | None
+    chunks: int
+    done: int = 0  # chunks made under it so far
+
+    @property
+    def weight(self) -> float:
+        """The new prompt's share in the latest chunk."""
+        return self.done / self.chunks
+
+    def advance(self) -> TextCondition:
+        """The next chunk's condition."""
+        self.done += 1
+        embeds = torch.lerp(self.source.embeds, self.target.embeds, self.weight)
+        return TextCondition(embeds, self.target.negative, self.target.guidance_scale)
+
+
 class StreamingPipeline:
     def __init__(
         self,
@@ -304,6 +328,7 @@ class Session:
         self.negative_prompt = negative_prompt
         self.text = self._condition(prompt, prompt_embeds)
         self.prompt = prompt
+        self.transition: Transition | None = None  # a prompt change being blended in, or that the last chunk ended
         self.seed = int(seed) if seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(self.seed)
         t_scale, s_scale = pipe.latent_scale
@@ -338,12 +363,24 @@ class Session:
         self._account(timing, steps, seconds, first)
         return result
 
-    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None) -> None:
-        """Later chunks follow the new prompt; the cached context is re-encoded under it so the change is smooth."""
+    def set_prompt(
+        self, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None, transition: int = 0
+    ) -> None:
+        """Later chunks follow the new prompt. `transition=0` cuts to it, re-encoding the cached context under it so
+        the cut is smooth (LongLive's re-cache); `transition=k` blends the text condition from the current one to the
+        new one over the next k chunks (`Transition`), as Scope's and Krea's servers do, with no re-cache."""
         self._check_open()
-        self.text = self._condition(prompt, prompt_embeds)
+        if isinstance(transition, bool) or not isinstance(transition, int) or transition < 0:
+            raise ValueError(f"transition must be a whole number of chunks >= 0, got {transition!r}")
+        target = self._condition(prompt, prompt_embeds)
+        if transition and target.embeds.shape != self.text.embeds.shape:
+            raise ValueError("a transition needs prompt embeddings of the current prompt's shape")
+        if transition:
+            self.transition = Transition(self.text, target, self.prompt, prompt, transition)
+        else:
+            self.transition, self.text = None, target
+            self.pipe.engine.recache(self.cache, self.text)
         self.prompt = prompt
-        self.pipe.engine.recache(self.cache, self.text)
 
     def close(self) -> None:
         """Free the cache and decoder state now (not when the garbage collector gets to it)."""
@@ -379,6 +416,10 @@ class Session:
         if steps is None:
             steps = self.budget.choose(self._video_frames(frames)) if self.budget else self.config.steps
         steps = check_steps(steps)
+        if self.transition is not None and self.transition.done == self.transition.chunks:
+            self.transition = None  # the previous chunk ended it
+        if self.transition is not None:
+            self.text = self.transition.advance()
         shape = (1, frames, engine.config.in_channels, *self.latent_size)
         if noise is None:
             noise = torch.randn(shape, generator=self.generator)

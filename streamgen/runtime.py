@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ class MediaChunk:
     prompt: str | None
     timing: ChunkTiming
     batch: int = 1  # chunks denoised in the same transformer calls, this one included
+    transition: dict[str, Any] | None = None  # in a prompt transition: {"from": prompt, "weight": the new one's share}
     ready: float = field(default_factory=time.perf_counter)  # when it was encoded (`time.perf_counter`)
 
 
@@ -61,7 +62,7 @@ class Stream:
     """One stream as the runner sees it: what was asked for (prompt, seed, budget, an image or clip to extend),
     its library session and H.264 encoder once open, and its timeline.
 
-    Changes (`pending_prompt`, `set_budget`) take effect at the stream's next chunk."""
+    Changes (`pending_prompt` and `pending_transition`, `set_budget`) take effect at the stream's next chunk."""
 
     def __init__(
         self,
@@ -79,7 +80,8 @@ class Stream:
         self.set_budget(steps, target_fps)
         self.image, self.video = image, video  # handed to the session when it opens, then dropped
         self.keep_input = keep_input  # show the image or clip itself, not its reconstruction (`start_session`)
-        self.pending_prompt: str | None = None  # applied before the next chunk
+        self.pending_prompt: str | None = None  # applied before the next chunk...
+        self.pending_transition = 0  # ...blended in over this many chunks (`Session.set_prompt`)
         self.session: Session | None = None
         self.encoder: FragmentedMp4Encoder | None = None
         self.reserved = 0  # bytes the runner holds for this stream while it is admitted
@@ -146,6 +148,7 @@ class Denoised:
     share: float  # this stream's part of the batched denoising time
     batch: int
     first: bool  # the stream's first chunk: shorter, no deadline, not shown to its budget
+    transition: dict[str, Any] | None  # `MediaChunk.transition`, taken when it was denoised
 
 
 class Runner:
@@ -203,18 +206,21 @@ class Runner:
             session = stream.session
             if stream.pending_prompt is not None:
                 prompt, stream.pending_prompt = stream.pending_prompt, None
-                session.set_prompt(prompt)
+                session.set_prompt(prompt, transition=stream.pending_transition)
             first = session.chunk_index == 0
             plan = session._begin(stream._budget(), None, "np")
-            plans.setdefault(tuple(plan[1].shape[1:]), []).append((stream, first, plan))
+            blend = session.transition
+            transition = {"from": blend.source_prompt, "weight": blend.weight} if blend is not None else None
+            plans.setdefault(tuple(plan[1].shape[1:]), []).append((stream, first, plan, transition))
         denoised = []
         for group in plans.values():
-            sessions = [stream.session for stream, _, _ in group]
-            latents, seconds = self.pipe.denoise(sessions, [plan for _, _, plan in group])
+            sessions = [stream.session for stream, *_ in group]
+            latents, seconds = self.pipe.denoise(sessions, [plan for _, _, plan, _ in group])
             self.batch_sizes[len(group)] += 1
-            for (stream, first, (steps, _)), z in zip(group, latents):
+            for (stream, first, (steps, _), transition), z in zip(group, latents):
                 timing = stream.session._commit(z, seconds)
-                denoised.append(Denoised(stream, z, steps, timing, seconds / len(group), len(group), first))
+                share = seconds / len(group)
+                denoised.append(Denoised(stream, z, steps, timing, share, len(group), first, transition))
         return denoised
 
     def deliver(self, chunk: Denoised) -> MediaChunk:
@@ -222,6 +228,7 @@ class Runner:
         stream, session = chunk.stream, chunk.stream.session
         frames = session._decode(chunk.latents, chunk.steps, chunk.timing, "np")
         media = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
+        media.transition = chunk.transition
         stream.chunks += 1
         session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
         return media

@@ -35,9 +35,12 @@ from .protocol import MAX_SEED, ErrorCode, Limits, ProtocolError, Start, error, 
 
 log = logging.getLogger(__name__)
 
-# A paced (realtime) stream may run this far ahead of its viewer's playback: enough buffer for smooth playback,
-# little enough that a prompt or step change shows within about a second of the chunk it applies to.
+# A paced (realtime) stream runs ahead of its viewer's playback by its lead: the time its chunks have lately taken
+# from being due to being encoded (generation, waiting for a turn, and their jitter), plus a frame. Enough buffer
+# for smooth playback and no more, since a prompt or step change shows only after what is buffered: small on a
+# steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is also the lead before any is measured.
 PACE_LEAD_SECONDS = 1.0
+LEAD_WINDOW = 16  # the latest chunks whose production times set the lead
 # A paced stream due within this much joins the turn about to run, so that streams paced at the same rate share
 # batched calls instead of drifting into turns of their own; it runs at most this much further ahead.
 BATCH_JOIN_SECONDS = PACE_LEAD_SECONDS / 2
@@ -63,6 +66,8 @@ class ServedStream(Stream):
         self.position: int | None = None  # place in the waiting queue, as last told to the client
         self.in_flight = 0  # chunks in the runner: denoising, or denoised and not yet encoded
         self._due = -math.inf  # paced streams: when the next chunk may start
+        self._free = -math.inf  # when it last became free to produce: its latest chunk put, or a resume
+        self._production: deque[float] = deque(maxlen=LEAD_WINDOW)  # seconds from due to encoded, latest chunks
         self._buffer = buffer
         self._wake = wake
         self._events: deque[dict[str, Any]] = deque()  # a handful by construction: started, error, stopped
@@ -78,11 +83,25 @@ class ServedStream(Stream):
         self.position = position
         self._changed.set()
 
+    @property
+    def lead(self) -> float:
+        """How far ahead of playback this stream is generated: see PACE_LEAD_SECONDS."""
+        if len(self._production) < 2:
+            return PACE_LEAD_SECONDS
+        return min(PACE_LEAD_SECONDS, max(self._production) + 1 / self.session.fps)
+
     def put(self, chunk: MediaChunk, now: float) -> None:
         self._media.append(chunk)
         self._changed.set()
+        if chunk.index:  # a chunk's production time (the first one has no due time)
+            self._production.append(now - max(self._due, self._free))
+        self._free = now
         # Pace to playback, but never bank time: after a pause or a slow chunk, the lead starts over.
-        self._due = max(self._due, now - PACE_LEAD_SECONDS) + chunk.frames / self.session.fps
+        self._due = max(self._due, now - self.lead) + chunk.frames / self.session.fps
+
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self._free = time.monotonic()
 
     def delay(self, now: float) -> float:
         """Seconds until this stream can use a turn; `inf` until something changes (resume, buffer room)."""
@@ -187,7 +206,7 @@ class Scheduler:
         self._settle(stream)
 
     def pause(self, stream: ServedStream, paused: bool) -> None:
-        stream.paused = paused
+        stream.pause(paused)
         self._wake.set()
 
     def _room(self) -> bool:
