@@ -76,9 +76,10 @@ function onEvent(msg) {
   switch (msg.type) {
     case "ready":
       player.ready = msg;
+      ui.steps.min = 0; // the slider's first position is "auto": the most steps that hold the stream's fps
       ui.steps.max = Math.min(msg.max_steps, 16);
-      ui.steps.value = params.get("steps") ?? msg.steps;
-      ui.stepsValue.textContent = ui.steps.value;
+      ui.steps.value = params.get("steps") === "auto" ? 0 : params.get("steps") ?? msg.steps;
+      ui.stepsValue.textContent = stepsChoice();
       offerPrompts(msg);
       setState("idle", "ready");
       if (player.autoplay && ui.prompt.value.trim()) {
@@ -133,7 +134,7 @@ function onMedia(data) {
 async function start() {
   const prompt = ui.prompt.value.trim();
   if (!prompt) return showMessage("Write a prompt first.");
-  const message = { type: "start", prompt, steps: Number(ui.steps.value), realtime: true };
+  const message = { type: "start", prompt, steps: stepsChoice(), realtime: true };
   if (params.has("seed")) message.seed = Number(params.get("seed"));
   const file = ui.file.files[0];
   let upload = null;
@@ -152,8 +153,9 @@ async function start() {
 ui.start.onclick = start;
 ui.stop.onclick = () => send({ type: "stop" });
 ui.pause.onclick = () => send({ type: player.state === "paused" ? "resume" : "pause" });
-ui.steps.oninput = () => (ui.stepsValue.textContent = ui.steps.value);
-ui.steps.onchange = () => inSession() && send({ type: "steps", steps: Number(ui.steps.value) });
+const stepsChoice = () => Number(ui.steps.value) || "auto";
+ui.steps.oninput = () => (ui.stepsValue.textContent = stepsChoice());
+ui.steps.onchange = () => inSession() && send({ type: "steps", steps: stepsChoice() });
 ui.prompt.oninput = markUnknownWords;
 ui.prompt.onkeydown = (e) => {
   if (e.key !== "Enter" || e.shiftKey) return;

@@ -54,7 +54,7 @@ class Metrics:
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
             """`samples`: (suffix after the name: labels, or a histogram's `_bucket{...}`, `_sum`, `_count`; value)."""
             lines.extend((f"# HELP streamgen_{name} {help_text}", f"# TYPE streamgen_{name} {kind}"))
-            lines.extend(f"streamgen_{name}{suffix} {value:g}" for suffix, value in samples)
+            lines.extend(f"streamgen_{name}{suffix} {_number(value)}" for suffix, value in samples)
 
         for name, (help_text, value) in self._gauges().items():
             metric(name, "gauge", help_text, [("", value)])
@@ -86,3 +86,14 @@ class Metrics:
         buckets += [('_bucket{le="+Inf"}', self.chunks), ("_sum", self._latency_sum), ("_count", self.chunks)]
         metric("chunk_latency_seconds", "histogram", "Server time per chunk: generation plus encoding.", buckets)
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Integers (counts, bytes) exactly: `:g` would round a byte count to 6 digits."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+
+def _number(value: float) -> str:
+    """Integers (counts, bytes) exactly: `:g` would round a byte count to 6 digits."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
