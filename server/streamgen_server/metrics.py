@@ -91,9 +91,3 @@ class Metrics:
 def _number(value: float) -> str:
     """Integers (counts, bytes) exactly: `:g` would round a byte count to 6 digits."""
     return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-
-def _number(value: float) -> str:
-    """Integers (counts, bytes) exactly: `:g` would round a byte count to 6 digits."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
