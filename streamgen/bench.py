@@ -3,7 +3,8 @@
 For each budget: time to first frame, per-chunk latency (p50/p95/p99) split into transformer, cache update,
 VAE decode and H.264 encode, sustained fps against the model's real-time rate, the deadline-miss rate (a chunk
 of F frames must be ready within F / fps seconds of the previous one) and peak memory. Then the adaptive budget
-(`streamgen.budget`) under 1, 2 and 4 sessions sharing the model round-robin, as the server schedules them.
+(`streamgen.budget`) under 1, 2 and 4 sessions sharing the model in batched turns of the chunk runner
+(`streamgen.runtime`), as the server runs them.
 Warm-up (first calls, `torch.compile`) is run on a separate session and excluded. Results go to the terminal as
 a table, to JSON with a description of the machine, and to a PNG plot (matplotlib, optional).
 """
@@ -18,7 +19,6 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,11 @@ from diffusers import ModelMixin
 from . import presets
 from .config import StreamConfig
 from .engine import attention
-from .media import FragmentedMp4Encoder
-from .pipeline import DEFAULT_MODEL, Session, StreamingPipeline, default_device, default_dtype
+from .pipeline import DEFAULT_MODEL, STAGES, StreamingPipeline, default_device, default_dtype
+from .runtime import AUTO, MediaChunk, Runner, Stream
 
 PROMPT = "a red fox running through fresh snow, cinematic"
 PERCENTILES = (50, 95, 99)
-PHASES = ("transformer", "cache", "decode", "encode")
 
 
 # -- model and machine ---------------------------------------------------------------------------------------
@@ -164,69 +163,25 @@ def _rss_peak_mb() -> float:
 
 
 # -- one stream ----------------------------------------------------------------------------------------------
-@dataclass
-class Chunk:
-    """One delivered chunk: where its time went, and when (since the session started) its frames were ready."""
-
-    steps: int
-    frames: int
-    transformer: float
-    cache: float
-    decode: float
-    encode: float
-    ready: float
-
-    @property
-    def total(self) -> float:
-        return self.transformer + self.cache + self.decode + self.encode
+def record(chunk: MediaChunk, start: float) -> dict:
+    """A chunk's timing record as JSON: its stages, and when (since its stream started) its frames were ready."""
+    timing = {stage: getattr(chunk.timing, stage) for stage in STAGES}
+    return {"steps": chunk.steps, "frames": chunk.frames, "batch": chunk.batch, **timing, "ready": chunk.ready - start}
 
 
-class Stream:
-    """A session and its H.264 encoder: what a server does per chunk, minus the socket."""
-
-    def __init__(self, pipe: StreamingPipeline, prompt: str, **options) -> None:
-        self.start = time.perf_counter()
-        self.session: Session = pipe.start_session(prompt, seed=0, **options)
-        config = self.session.config
-        self.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
-        self.chunks: list[Chunk] = []
-
-    def next(self, steps: int | None = None) -> Chunk:
-        frames = self.session.next_chunk(steps)
-        begin = time.perf_counter()
-        self.encoder.encode(frames)
-        encode = time.perf_counter() - begin
-        t = self.session.timing
-        chunk = Chunk(
-            self.session.last_steps,
-            len(frames),
-            t.transformer,
-            t.cache,
-            t.decode,
-            encode,
-            time.perf_counter() - self.start,
-        )
-        self.chunks.append(chunk)
-        return chunk
-
-    def close(self) -> None:
-        self.session.close()
-        self.encoder.flush()
-
-
-def delivery(chunks: list[Chunk], fps: float) -> dict:
+def delivery(chunks: list[dict], fps: float) -> dict:
     """Rate and punctuality of a stream's chunks after its first (whose time is the time to first frame)."""
     if len(chunks) < 2:
         raise ValueError("rates need at least two chunks: the first one only gives the time to first frame")
     later = chunks[1:]
-    gaps = np.diff([c.ready for c in chunks])
-    frames = sum(c.frames for c in later)
-    seconds = chunks[-1].ready - chunks[0].ready
+    gaps = np.diff([c["ready"] for c in chunks])
+    frames = sum(c["frames"] for c in later)
+    seconds = chunks[-1]["ready"] - chunks[0]["ready"]
     return {
         "fps": frames / seconds,
         "realtime_ratio": frames / seconds / fps,
-        "deadline_miss_rate": float(np.mean([gap > c.frames / fps for gap, c in zip(gaps, later)])),
-        "transformer_fps": frames / sum(c.transformer for c in later),
+        "deadline_miss_rate": float(np.mean([gap > c["frames"] / fps for gap, c in zip(gaps, later)])),
+        "transformer_fps": frames / sum(c["transformer"] for c in later),
     }
 
 
@@ -234,48 +189,57 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(values, q)) * 1000 for q in PERCENTILES}
 
 
-def measure_budget(pipe: StreamingPipeline, steps: int, chunks: int, warmup: int) -> dict:
-    """One budget: a warm-up session, then a fresh one (new prompt: its encoding is part of the first frame)."""
-    warm = Stream(pipe, PROMPT)
+def measure_budget(runner: Runner, steps: int, chunks: int, warmup: int) -> dict:
+    """One budget: a warm-up stream, then a fresh one (new prompt: its encoding is part of the first frame)."""
+    warm = Stream(PROMPT, seed=0, steps=steps)
+    runner.open(warm)
     for _ in range(warmup):
-        warm.next(steps)
-    warm.close()
-    device = pipe.device
+        runner.turn([warm])
+    runner.release(warm)
+    device = runner.pipe.device
     with peak_memory(device) as memory:
-        stream = Stream(pipe, f"{PROMPT}, take {steps}")
-        for _ in range(chunks):
-            stream.next(steps)
-        stream.close()
-    later = stream.chunks[1:]
+        start = time.perf_counter()
+        stream = Stream(f"{PROMPT}, take {steps}", seed=0, steps=steps)
+        runner.open(stream)
+        rows = [record(runner.turn([stream])[0], start) for _ in range(chunks)]
+        runner.release(stream)
+    later = rows[1:]
     return {
         "steps": steps,
-        "time_to_first_frame_s": stream.chunks[0].ready,
-        "latency_ms": {name: percentiles([getattr(c, name) for c in later]) for name in (*PHASES, "total")},
-        **delivery(stream.chunks, pipe.config.fps),
+        "time_to_first_frame_s": rows[0]["ready"],
+        "latency_ms": {name: percentiles([sum(c[s] for s in STAGES) if name == "total" else c[name] for c in later])
+                       for name in (*STAGES, "total")},  # fmt: skip
+        **delivery(rows, runner.pipe.config.fps),
         "peak_memory_mb": memory["mb"],
         "memory_method": memory["method"],
-        "chunks": [asdict(c) for c in stream.chunks],
+        "chunks": rows,
     }
 
 
 # -- adaptive budget under load ------------------------------------------------------------------------------
-def measure_adaptive(pipe: StreamingPipeline, counts: list[int], rounds: int, target_fps: float) -> dict:
-    """Sessions join one phase at a time (e.g. 1, then 2, then 4) and take turns chunk by chunk; each asks its
-    controller for steps. Per phase: how well each session holds `target_fps`, excluding the phase's first
-    round (the joiners' first chunks, and the round in which the others learn of them)."""
+def measure_adaptive(runner: Runner, counts: list[int], rounds: int, target_fps: float) -> dict:
+    """Streams join one phase at a time (e.g. 1, then 2, then 4); each round is one turn of the runner, every
+    stream's chunk in one batched denoise (as the server runs them), and each stream's controller chooses its
+    steps. Per phase: how well each stream holds `target_fps`, excluding the phase's first round (the joiners'
+    first chunks, and the round in which the others learn of them)."""
     streams: list[Stream] = []
+    rows: dict[int, list[dict]] = {}
     trace, phases = [], []
+    start = time.perf_counter()
     for count in counts:
         while len(streams) < count:
-            streams.append(Stream(pipe, f"{PROMPT}, viewer {len(streams) + 1}", target_fps=target_fps))
-        first = {id(s): len(s.chunks) for s in streams}  # each stream's first chunk of this phase
+            stream = Stream(f"{PROMPT}, viewer {len(streams) + 1}", seed=0, steps=AUTO, target_fps=target_fps)
+            runner.open(stream)
+            streams.append(stream)
+            rows[id(stream)] = []
+        first = {id(s): len(rows[id(s)]) for s in streams}  # each stream's first chunk of this phase
         for round_ in range(rounds):
-            for index, stream in enumerate(streams):
-                chunk = stream.next()
-                trace.append({"phase_sessions": count, "round": round_, "session": index, **asdict(chunk)})
-        settled = [s.chunks[first[id(s)] + 1 :] for s in streams]
+            for index, (stream, chunk) in enumerate(zip(streams, runner.turn(streams))):
+                rows[id(stream)].append(record(chunk, start))
+                trace.append({"phase_sessions": count, "round": round_, "session": index, **rows[id(stream)][-1]})
+        settled = [rows[id(s)][first[id(s)] + 1 :] for s in streams]
         per_session = [delivery(chunks, target_fps) for chunks in settled]
-        steps = [c.steps for chunks in settled for c in chunks[1:]]
+        steps = [c["steps"] for chunks in settled for c in chunks[1:]]
         phases.append(
             {
                 "sessions": count,
@@ -287,7 +251,7 @@ def measure_adaptive(pipe: StreamingPipeline, counts: list[int], rounds: int, ta
             }
         )
     for stream in streams:
-        stream.close()
+        runner.release(stream)
     return {"target_fps": target_fps, "rounds_per_phase": rounds, "phases": phases, "trace": trace}
 
 
@@ -306,13 +270,13 @@ def table(report: dict) -> str:
         total = "/".join(f"{lat['total'][f'p{q}']:.0f}" for q in PERCENTILES)
         lines.append(
             f"{r['steps']:>5} {r['time_to_first_frame_s']:>6.2f} "
-            + " ".join(f"{lat[name]['p50']:>7.1f}" for name in PHASES)
+            + " ".join(f"{lat[name]['p50']:>7.1f}" for name in STAGES)
             + f" {total:>20} {r['fps']:>6.1f} {r['realtime_ratio']:>6.2f} {r['deadline_miss_rate']:>5.0%}"
             f" {r['peak_memory_mb']:>9.0f}"
         )
     if "adaptive" in report:
         adaptive = report["adaptive"]
-        lines += ["", f"adaptive budget, target {adaptive['target_fps']:g} fps per session (round-robin)"]
+        lines += ["", f"adaptive budget, target {adaptive['target_fps']:g} fps per session (batched turns)"]
         lines.append(f"{'sessions':>8} {'fps per session':>22} {'miss':>5} {'steps mean (min-max)':>21}")
         for p in adaptive["phases"]:
             fps = ", ".join(f"{x:.1f}" for x in p["fps_per_session"])
@@ -350,7 +314,7 @@ def plot(report: dict, path: str | Path) -> None:
 
     ax = axes[0]
     bottom = np.zeros(len(rows))
-    for name, color in zip(PHASES, ("#4C72B0", "#55A868", "#C44E52", "#8172B2")):
+    for name, color in zip(STAGES, ("#4C72B0", "#55A868", "#C44E52", "#8172B2")):
         values = np.array([r["latency_ms"][name]["p50"] for r in rows])
         ax.bar(x, values, bottom=bottom, color=color, label=name)
         bottom += values
@@ -391,7 +355,7 @@ def plot(report: dict, path: str | Path) -> None:
             ax.annotate(f"{count} session{'s' * (count > 1)}", (start, ax.get_ylim()[1]), va="top", fontsize=8)
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set(xlabel="chunk (all sessions, in turn)", ylabel="steps chosen")
+        ax.set(xlabel="chunk (all sessions, turn by turn)", ylabel="steps chosen")
         ax.set_title(f"adaptive budget at {adaptive['target_fps']:g} fps per session")
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(
@@ -457,11 +421,12 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"chunks": args.chunks, "warmup": args.warmup, "compile": args.compile},
         "budgets": [],
     }
+    runner = Runner(pipe)
     started = time.perf_counter()
     for steps in args.steps:
-        report["budgets"].append(measure_budget(pipe, steps, args.chunks, args.warmup))
+        report["budgets"].append(measure_budget(runner, steps, args.chunks, args.warmup))
     if args.sessions:
-        report["adaptive"] = measure_adaptive(pipe, args.sessions, args.chunks, args.target_fps or pipe.config.fps)
+        report["adaptive"] = measure_adaptive(runner, args.sessions, args.chunks, args.target_fps or pipe.config.fps)
     report["settings"]["seconds"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = load_average()
     return report
