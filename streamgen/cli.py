@@ -57,7 +57,7 @@ def generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     extend = {"image": args.image} if args.image else {"video": args.video} if args.video else {}
     if args.context_seconds is not None:
-        extend["max_context_frames"] = max(1, round(args.context_seconds * pipe.config.fps))
+        extend["max_context_frames"] = 1 + 4 * max(0, round(args.context_seconds * pipe.config.fps / 4))  # 1 + 4k
     shape = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s"
     with tqdm(total=1.0, desc="reading", bar_format=shape, disable=not extend, leave=False) as bar:
 
