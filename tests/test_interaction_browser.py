@@ -1,11 +1,14 @@
-"""The page's WebCodecs player and its live-audience mode in Debian's headless Chromium (fixtures of
-test_browser.py): frames are demuxed, decoded and drawn on a canvas, and every displayed frame is reported by its
-number. Tiny model, loopback, every wait bounded."""
+"""What a person steering or watching a stream gets, in Debian's headless Chromium (fixtures of test_browser.py):
+the page's WebCodecs player (frames demuxed, decoded and drawn on a canvas, each displayed frame reported by its
+number), prompt transitions, and the page in viewer mode. Tiny model, loopback, every wait bounded."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from test_browser import WAIT_MS, chromium, page  # noqa: F401 - fixtures
+
+from streamgen import StreamingPipeline
 
 from streamgen_server.app import serve_in_thread
 
@@ -45,3 +48,64 @@ def test_webcodecs_player_plays_and_reports_displayed_frames(pipe, page) -> None
         page.click("#stop")
         page.wait_for_function("() => window.streamgen.state === 'idle'", timeout=WAIT_MS)
     assert not errors
+
+
+def test_watch_link_opens_the_stream_read_only_and_the_owner_sees_the_count(pipe, page) -> None:  # noqa: F811
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    with serve_in_thread(pipe) as server:
+        page.goto(server.url + "?prompt=a%20red%20ball&steps=1&autoplay=1")
+        page.wait_for_selector("#share", state="visible", timeout=WAIT_MS)
+        link = page.input_value("#watch-link")
+        assert link.startswith(server.url + "?watch=") and "&key=" in link
+        viewer = page.context.browser.new_page()
+        viewer.on("pageerror", lambda error: errors.append(str(error)))
+        viewer.goto(link)
+        viewer.wait_for_function("() => window.streamgen.displayed.length > 12", timeout=WAIT_MS)
+        assert viewer.text_content("#status") == "watching"
+        assert not viewer.is_visible("#prompt") and not viewer.is_visible("#start")  # nothing to steer with
+        page.wait_for_function("() => document.getElementById('viewers').textContent === '1'", timeout=WAIT_MS)
+        viewer.close()
+        page.wait_for_function("() => document.getElementById('viewers').textContent === '0'", timeout=WAIT_MS)
+        page.click("#stop")
+    assert not errors
+
+
+def test_a_transition_blends_the_text_condition_over_its_chunks(pipe: StreamingPipeline) -> None:
+    with pipe.start_session("a red ball", seed=0) as session:
+        session.next_chunk()
+        old, new = session.text.embeds, pipe.encode_prompt("a blue cube")
+        session.set_prompt("a blue cube", transition=4)
+        for i in range(1, 5):
+            session.next_chunk()
+            assert session.transition.weight == i / 4
+            torch.testing.assert_close(session.text.embeds, old + i / 4 * (new - old))
+        session.next_chunk()
+        assert session.transition is None and torch.equal(session.text.embeds, new)
+        with pytest.raises(ValueError, match="transition"):
+            session.set_prompt("a green cone", transition=-1)
+
+
+def test_the_page_blends_a_new_prompt_over_two_chunks(pipe, page) -> None:  # noqa: F811
+    with serve_in_thread(pipe) as server:
+        page.goto(server.url + "?prompt=a%20red%20ball&steps=1&autoplay=1")
+        page.wait_for_function("() => window.streamgen.chunks >= 2", timeout=WAIT_MS)
+        page.evaluate("""() => {
+          window.blends = [];
+          window.streamgen.ws.addEventListener("message", (e) => {
+            const msg = typeof e.data === "string" ? JSON.parse(e.data) : {};
+            if (msg.type === "chunk" && msg.prompt === "a blue cube") window.blends.push(msg);
+          });
+        }""")
+        page.fill("#transition", "2")
+        page.fill("#prompt", "a blue cube")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("() => window.blends.length >= 3", timeout=WAIT_MS)
+        chunks = page.evaluate("() => window.blends")
+        assert [c.get("transition") for c in chunks] == [
+            {"from": "a red ball", "weight": 0.5},
+            {"from": "a red ball", "weight": 1.0},
+            None,  # the blend is over: wholly the new prompt
+        ]
+        assert [c["chunk"] for c in chunks] == list(range(chunks[0]["chunk"], chunks[0]["chunk"] + 3))
+        page.click("#stop")

@@ -1,6 +1,6 @@
 // streamgen live player: protocol v1 (docs/protocol.md) over a websocket; the media goes to player.js (WebCodecs,
 // else Media Source Extensions). URL parameters: prompt, steps, seed, token, autoplay=1 (starts the stream by
-// itself, muted), player=mse (skip WebCodecs).
+// itself, muted), player=mse (skip WebCodecs), watch=ID&key=K (a watch link: someone's stream, read-only).
 "use strict";
 
 const STAGES = { transformer: "#6ea8ff", cache: "#a98bff", decode: "#4cc38a", encode: "#f0b44c", send: "#f06a6a" };
@@ -12,7 +12,8 @@ const params = new URLSearchParams(location.search);
 const ui = {
   status: $("status"), video: $("video"), canvas: $("canvas"), overlay: $("overlay"), info: $("info"),
   prompt: $("prompt"), steps: $("steps"), stepsValue: $("steps-value"), file: $("file"),
-  start: $("start"), pause: $("pause"), stop: $("stop"),
+  start: $("start"), pause: $("pause"), stop: $("stop"), transition: $("transition"), transitionValue: $("transition-value"),
+  share: $("share"), watchLink: $("watch-link"), viewers: $("viewers"),
   fps: $("stat-fps"), gen: $("stat-gen"), played: $("stat-played"), ahead: $("stat-ahead"),
   latencyTotal: $("latency-total"), latencyBar: $("latency-bar"), legend: $("latency-legend"), message: $("message"),
 };
@@ -22,6 +23,7 @@ const player = {
   ws: null, state: "connecting", ready: null, header: null,
   media: null, early: [], received: [], chunks: 0, last: null, autoplay: params.get("autoplay") === "1",
   displayed: [], // [performance.now(), frame number] of each frame shown, latest last
+  watching: params.has("watch"), // a viewer of someone else's stream
 };
 window.streamgen = player;
 
@@ -30,8 +32,10 @@ function connect() {
   const url = new URL("/ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (params.has("token")) url.searchParams.set("token", params.get("token"));
+  if (player.watching) ["watch", "key"].forEach((name) => url.searchParams.set(name, params.get(name) ?? ""));
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
+  if (player.watching) ws.onopen = () => setState("idle", "waiting"); // no `ready`: `started` comes next
   ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onMedia(e.data));
   ws.onclose = () => {
     setState("disconnected");
@@ -96,7 +100,12 @@ function onEvent(msg) {
       ui.overlay.hidden = true;
       ui.info.textContent = [msg.mode, `${msg.width}×${msg.height}`, `${msg.fps} fps`, msg.codec, `seed ${msg.seed}`]
         .join(" · ");
-      setState("live");
+      setState("live", player.watching ? "watching" : "live");
+      ui.share.hidden = !msg.watch_url;
+      if (msg.watch_url) ui.watchLink.value = new URL(msg.watch_url, location.href).href;
+      break;
+    case "viewers":
+      ui.viewers.textContent = msg.count;
       break;
     case "segment":
       player.header = msg; // the binary message that follows is its data
@@ -116,7 +125,9 @@ function onEvent(msg) {
       break;
     case "stopped":
       setState("idle", msg.reason === "client" ? "stopped" : `stopped (${msg.reason})`);
-      ui.overlay.textContent = "Write a prompt and press Start";
+      ui.overlay.textContent = player.watching ? "The stream has ended" : "Write a prompt and press Start";
+      ui.overlay.hidden = false;
+      ui.share.hidden = true;
       break;
   }
 }
@@ -155,13 +166,15 @@ ui.stop.onclick = () => send({ type: "stop" });
 ui.pause.onclick = () => send({ type: player.state === "paused" ? "resume" : "pause" });
 const stepsChoice = () => Number(ui.steps.value) || "auto";
 ui.steps.oninput = () => (ui.stepsValue.textContent = stepsChoice());
+ui.transition.oninput = () => (ui.transitionValue.textContent = ui.transition.value);
 ui.steps.onchange = () => inSession() && send({ type: "steps", steps: stepsChoice() });
 ui.prompt.oninput = markUnknownWords;
 ui.prompt.onkeydown = (e) => {
   if (e.key !== "Enter" || e.shiftKey) return;
   e.preventDefault();
   const prompt = ui.prompt.value.trim();
-  if (inSession() && prompt) send({ type: "prompt", prompt });
+  const transition = Number(ui.transition.value);
+  if (inSession() && prompt) send({ type: "prompt", prompt, ...(transition && { transition }) });
   else if (player.state === "idle") start();
 };
 
@@ -238,4 +251,6 @@ function hideMessage() {
 
 ui.prompt.value = params.get("prompt") ?? "";
 ui.video.muted = true; // muted video may autoplay
+document.body.dataset.mode = player.watching ? "watch" : "steer";
+if (player.watching) ui.overlay.textContent = "Waiting for the stream";
 connect();

@@ -84,7 +84,8 @@ function parseFragments(buffer, init) {
       if (tfhdFlags & 0x10) (size = view.getUint32(at)), (at += 4);
       if (tfhdFlags & 0x20) flags = view.getUint32(at);
       const tfdt = require(find(view, ["tfdt"], traf.body, traf.end), "tfdt");
-      let time = view.getUint8(tfdt.body) === 1 ? Number(view.getBigUint64(tfdt.body + 4)) : view.getUint32(tfdt.body + 4);
+      const at64 = view.getUint8(tfdt.body) === 1;
+      let time = at64 ? Number(view.getBigUint64(tfdt.body + 4)) : view.getUint32(tfdt.body + 4);
       let data = moof.start; // default-base-is-moof (and the first track's base without it)
       for (const trun of boxes(view, traf.body, traf.end).filter((b) => b.type === "trun")) {
         const version = view.getUint8(trun.body), trunFlags = view.getUint32(trun.body) & 0xffffff;

@@ -25,10 +25,11 @@ from websockets.http11 import Request, Response
 
 from streamgen.pipeline import StreamingPipeline
 
+from .audience import Audience, Viewer
 from .connection import ClientSessions, Connection, TokenBucket
 from .metrics import Metrics
 from .protocol import Limits
-from .routes import WEB_ROOT, WEBSOCKET_PATH, Reply, Routes, allowed_hosts
+from .routes import WEB_ROOT, WEBSOCKET_PATH, Reply, Routes, allowed_hosts, watch_query
 from .scheduler import Scheduler
 
 SHUTDOWN_FLUSH_SECONDS = 2.0  # how long a graceful shutdown waits for clients to be told `stopped`
@@ -80,12 +81,14 @@ class App:
         )
         self.metrics = Metrics(self._gauges, lambda: self.scheduler.runner.batch_sizes)
         self.limits = limits
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection | Viewer] = set()
         self.sessions = ClientSessions(limits.max_sessions_per_client)
+        self.audience = Audience(limits)
         self.routes = Routes(
             metrics=self.metrics,
             health=self._health,
             connections=lambda: len(self.connections),
+            watch=self.audience.check,
             max_connections=limits.max_connections,
             token=token,
             origins=origins,
@@ -122,14 +125,23 @@ class App:
             "session_bytes": ("Model memory (KV and decoder caches) held by sessions.", self.scheduler.nbytes),
             "memory_budget_bytes": ("Bytes sessions may reserve (--memory-budget).", self.scheduler.runner.memory_budget),
             "memory_reserved_bytes": ("Bytes reserved by admitted sessions (their most).", self.scheduler.runner.reserved),
+            "viewers": ("Viewers watching a stream through its watch link.", self.audience.viewers),
         }
 
     def _health(self) -> dict:
         return {"status": "ok", "active": self.scheduler.active, "queued": self.scheduler.queued}
 
-    def connect(self, send: Callable[[str | bytes], Awaitable[None]], client: str) -> Connection:
-        """A new client connection (`client`: its address), counted until `disconnect`."""
-        connection = Connection(self.scheduler, send, self.metrics, client=client, sessions=self.sessions)
+    def connect(
+        self, send: Callable[[str | bytes], Awaitable[None]], client: str, watch: tuple[str, str] | None = None
+    ) -> Connection | Viewer:
+        """A new client connection (`client`: its address), counted until `disconnect`; with `watch` (the watch
+        id and key of the websocket's query), a viewer of that stream."""
+        if watch is not None:
+            connection = Viewer(self.audience, *watch, send, self.metrics)
+        else:
+            connection = Connection(
+                self.scheduler, send, self.metrics, client=client, sessions=self.sessions, audience=self.audience
+            )
         self.connections.add(connection)
         return connection
 
@@ -139,7 +151,8 @@ class App:
 
     # -- websockets adapter --------------------------------------------------------------------------------
     async def _handle(self, websocket: ServerConnection) -> None:
-        connection = self.connect(websocket.send, websocket.remote_address[0])
+        watch = watch_query(websocket.request.path)
+        connection = self.connect(websocket.send, websocket.remote_address[0], watch)
         try:
             await connection.open()
             async for message in websocket:

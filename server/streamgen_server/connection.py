@@ -22,6 +22,7 @@ from streamgen.config import MAX_STEPS
 from streamgen.pipeline import STAGES
 
 from . import protocol
+from .audience import Audience, Broadcast, media_messages
 from .metrics import Metrics
 from .protocol import (
     MODES,
@@ -86,11 +87,21 @@ class ClientSessions:
 
 class Connection:
     def __init__(
-        self, scheduler: Scheduler, send: Send, metrics: Metrics, *, client: str, sessions: ClientSessions
+        self,
+        scheduler: Scheduler,
+        send: Send,
+        metrics: Metrics,
+        *,
+        client: str,
+        sessions: ClientSessions,
+        audience: Audience | None = None,
     ) -> None:
-        """`client`: the peer's address, whose live sessions `sessions` counts."""
+        """`client`: the peer's address, whose live sessions `sessions` counts; `audience`: where the streams
+        are watched (None: no watch links)."""
         self.scheduler, self.metrics, self.limits = scheduler, metrics, scheduler.limits
         self.client, self.sessions = client, sessions
+        self.audience = audience
+        self._broadcast: Broadcast | None = None  # the live stream's audience
         self._send = send
         self._bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
         self._upload: Start | None = None  # a start waiting for its binary upload
@@ -166,8 +177,9 @@ class Connection:
                 await self._emit(event("stopped", reason="client", chunks=0, frames=0))
             case Stop():
                 self.scheduler.close(self._require(), "client")
-            case SetPrompt(prompt=prompt):
-                self._require().pending_prompt = prompt
+            case SetPrompt(prompt=prompt, transition=transition):
+                stream = self._require()
+                stream.pending_prompt, stream.pending_transition = prompt, transition
             case SetSteps(steps=steps, target_fps=target_fps):
                 self._require().set_budget(steps, target_fps)
             case Pause() | Resume():
@@ -257,41 +269,45 @@ class Connection:
                 if isinstance(message, MediaChunk):
                     await self._send_media(message)
                 else:
-                    await self._emit(message)
+                    await self._emit(self._broadcast_life(stream, message))
         finally:
             self.scheduler.close(stream, "error")  # a no-op after `stopped`; frees the slot if sending failed
+            if self._broadcast is not None:  # the client left: its viewers are told
+                self._broadcast_life(stream, event("stopped", reason="disconnected", chunks=stream.chunks,
+                                                   frames=stream.frames))  # fmt: skip
+
+    def _broadcast_life(self, stream: ServedStream, message: dict[str, Any]) -> dict[str, Any]:
+        """The audience follows the stream: `started` opens it (and carries the watch link), `stopped` ends it."""
+        if self.audience is not None and message["type"] == "started":
+            self._broadcast = self.audience.open(message, lambda count: stream.push(event("viewers", count=count)))
+            message["watch_url"] = self._broadcast.url
+        elif self._broadcast is not None and message["type"] == "stopped":
+            self._broadcast.end(message)
+            self._broadcast = None
+        return message
 
     async def _send_media(self, chunk: MediaChunk) -> None:
         """Each binary message is announced by a `segment` message; a generated chunk is followed by its stats."""
         start = time.perf_counter()
-        segments = chunk.segments
-        if segments[0].init:
-            await self._write(protocol.encode(event("segment", kind="init", bytes=len(segments[0]))), segments[0])
-            segments = segments[1:]
-        data = b"".join(segments)
-        header = event(
-            "segment",
-            kind="context" if chunk.index is None else "chunk",
-            chunk=chunk.index,
-            first_frame=chunk.first_frame,
-            frames=chunk.frames,
-            keyframe=segments[0].keyframe,
-            bytes=len(data),
-        )
-        await self._write(protocol.encode(header), data)
+        messages = media_messages(chunk)
+        if self._broadcast is not None:
+            self._broadcast.publish(chunk, messages)  # the same messages: encoded once, for everyone
+        await self._write(*messages)
         stages = {stage: getattr(chunk.timing, stage) for stage in STAGES} | {"send": time.perf_counter() - start}
         self.metrics.chunk_sent(chunk.frames, sum(map(len, chunk.segments)), stages)
         if chunk.index is not None:
             latency = {stage: round(1000 * seconds, 2) for stage, seconds in stages.items()}
             latency["total"] = round(sum(latency.values()), 2)
-            await self._emit(
-                event(
-                    "chunk",
-                    chunk=chunk.index,
-                    frames=chunk.frames,
-                    steps=chunk.steps,
-                    batch=chunk.batch,
-                    prompt=chunk.prompt,
-                    latency_ms=latency,
-                )
+            stats = event(
+                "chunk",
+                chunk=chunk.index,
+                frames=chunk.frames,
+                steps=chunk.steps,
+                batch=chunk.batch,
+                prompt=chunk.prompt,
+                latency_ms=latency,
+                **({"transition": chunk.transition} if chunk.transition else {}),
             )
+            if self._broadcast is not None:
+                self._broadcast.tell(stats)
+            await self._emit(stats)

@@ -31,6 +31,7 @@ class Metrics:
         self.bytes_sent = 0
         self.stage_seconds: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.viewer_drops = 0
         self._latency_counts = [0] * len(LATENCY_BUCKETS)
         self._latency_sum = 0.0
 
@@ -47,6 +48,9 @@ class Metrics:
 
     def error(self, code: str) -> None:
         self.errors[code] += 1
+
+    def viewer_dropped(self) -> None:
+        self.viewer_drops += 1
 
     def render(self) -> str:
         lines: list[str] = []
@@ -66,6 +70,12 @@ class Metrics:
             "counter",
             "Time spent per stage of the chunks sent.",
             [(f'{{stage="{stage}"}}', self.stage_seconds[stage]) for stage in STAGES],
+        )
+        metric(
+            "viewer_drops_total",
+            "counter",
+            "Times a viewer fell behind and was dropped to the next key frame.",
+            [("", self.viewer_drops)],
         )
         metric(
             "batches_total",

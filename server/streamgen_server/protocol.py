@@ -22,6 +22,7 @@ MODES = ("t2v", "i2v", "v2v")  # text, image or video to video; i2v and v2v are 
 # continues) or the uploaded frames themselves, resized (what the uploader recognises).
 CONTEXTS = ("reconstruction", "original")
 MAX_SEED = 2**53 - 1  # integers JavaScript reads exactly, so a browser can replay a stream's seed
+MAX_TRANSITION_CHUNKS = 32  # the longest prompt transition (`prompt` message), about 24 s at 16 fps
 MAX_TARGET_FPS = 240.0  # the most an "auto" step budget may be asked to hold
 
 
@@ -45,7 +46,9 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # handshake without the server's token (HTTP 401)
     FORBIDDEN_ORIGIN = "forbidden_origin"  # handshake from a page of another site (HTTP 403)
     FORBIDDEN_HOST = "forbidden_host"  # a Host the server is not reachable as: DNS rebinding (HTTP 403)
-    NOT_FOUND = "not_found"  # HTTP route that does not exist
+    NOT_FOUND = "not_found"  # HTTP route that does not exist; a watch link of no live stream (HTTP 404)
+    WRONG_KEY = "wrong_key"  # a watch link with the wrong key (HTTP 403)
+    WATCH_ONLY = "watch_only"  # a message from a viewer, who cannot control the stream it watches
     METHOD_NOT_ALLOWED = "method_not_allowed"  # HTTP method other than GET (and HEAD for pages) (HTTP 405)
     BAD_REQUEST = "bad_request"  # HTTP request with a missing or repeated Host, or a repeated Origin (HTTP 400)
     INTERNAL = "internal"  # a failure of the server itself; the session ends, the connection stays
@@ -75,6 +78,9 @@ class Limits:
     max_sessions_per_client: int = 4  # live sessions (holding a slot or queued) of one client IP address
     max_pause_seconds: float = 60.0  # a session paused longer is stopped (reason "idle"), freeing its slot
     chunk_buffer: int = 2  # encoded chunks waiting per session before its generation waits for the client
+    max_viewers_per_session: int = 32  # watchers of one stream (audience.py)
+    max_viewers: int = 96  # watchers of all streams together (each is a connection too)
+    viewer_buffer: int = 2  # chunks queued for a viewer before it is dropped to the next key frame
 
     def announce(self) -> dict[str, Any]:
         """The limits a client must respect, as sent in `ready`."""
@@ -107,6 +113,7 @@ class Start:
 @dataclass(frozen=True)
 class SetPrompt:
     prompt: str
+    transition: int = 0  # chunks over which the new prompt is blended in; 0: a cut
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,8 @@ def parse(text: str, limits: Limits) -> Command:
     if kind == "start":
         return _start(data, limits)
     if kind == "prompt":
-        return SetPrompt(_prompt(data["prompt"], limits))
+        transition = _integer(data.get("transition", 0), "transition", 0, MAX_TRANSITION_CHUNKS)
+        return SetPrompt(_prompt(data["prompt"], limits), transition)
     if kind == "steps":
         return SetSteps(_steps(data["steps"]), _target_fps(data))
     return {"pause": Pause, "resume": Resume, "stop": Stop}[kind]()
@@ -170,7 +178,7 @@ _FIELDS: dict[str, tuple[set[str], set[str]]] = {
         {"protocol", "mode", "prompt", "seed", "steps", "target_fps", "upload_bytes", "realtime", "context"},
         {"prompt"},
     ),
-    "prompt": ({"prompt"}, {"prompt"}),
+    "prompt": ({"prompt", "transition"}, {"prompt"}),
     "steps": ({"steps", "target_fps"}, {"steps"}),
     "pause": (set(), set()),
     "resume": (set(), set()),
@@ -269,6 +277,12 @@ def _integer(value: Any, name: str, low: int, high: int) -> int:
 def event(kind: str, /, **fields: Any) -> dict[str, Any]:
     """One server message; serialized with `encode` when it is sent."""
     return {"type": kind, **fields}
+
+
+def segment(kind: str, *, nbytes: int, **fields: Any) -> dict[str, Any]:
+    """The `segment` message that announces a binary media message of `nbytes` bytes (`kind`: init, context,
+    chunk; `fields`: chunk, first_frame, frames, keyframe for media)."""
+    return event("segment", kind=kind, **fields, bytes=nbytes)
 
 
 def error(code: ErrorCode, message: str) -> dict[str, Any]:

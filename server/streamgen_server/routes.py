@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import protocol
 from .metrics import Metrics
-from .protocol import ErrorCode
+from .protocol import ErrorCode, ProtocolError
 
 WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"  # the project is installed editable
 WEBSOCKET_PATH = "/ws"
@@ -27,6 +27,14 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # names the server is always re
 ANY_HOST = "*"  # `--allow-host '*'`: no Host check (behind a proxy that checks it)
 
 Headers = Iterable[tuple[str, str]]  # raw (name, value) pairs, names in any case, repeats kept
+# A refused watch link (`/ws?watch=ID&key=K`): HTTP status by the reason the audience gives.
+WATCH_REFUSALS = {ErrorCode.NOT_FOUND: 404, ErrorCode.WRONG_KEY: 403, ErrorCode.SERVER_FULL: 503}
+
+
+def watch_query(target: str) -> tuple[str, str] | None:
+    """(watch id, key) of a viewer's websocket request `/ws?watch=ID&key=K`; None for anyone else's."""
+    query = parse_qs(urlsplit(target).query)
+    return (query["watch"][0], query.get("key", [""])[0]) if "watch" in query else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +81,17 @@ class Routes:
         health: Callable[[], dict],
         connections: Callable[[], int],
         max_connections: int,
+        watch: Callable[[str, str], object] = lambda watch, key: None,
         token: str | None = None,
         origins: Iterable[str] = (),
         hosts: Iterable[str] = allowed_hosts(""),
         web_root: Path = WEB_ROOT,
     ) -> None:
         """`origins`: pages of other sites allowed to open the websocket (the server's own host always is).
-        `hosts`: names the server may be reached as (`allowed_hosts`); IP addresses always pass."""
+        `hosts`: names the server may be reached as (`allowed_hosts`); IP addresses always pass. `watch(id, key)`
+        raises `ProtocolError` for a watch link that must be refused."""
         self.metrics, self.health, self.connections, self.max_connections = metrics, health, connections, max_connections
+        self.watch = watch
         self.token, self.origins, self.hosts = token, frozenset(origins), frozenset(hosts)
         # The web folder's own files, listed once: a request names one of these or nothing (no paths are built
         # from what a client sends, so no traversal and no file-system errors on odd names).
@@ -107,7 +118,7 @@ class Routes:
             # A name that resolves here only because someone rebound it (DNS rebinding): refuse before anything.
             return self.refuse(403, ErrorCode.FORBIDDEN_HOST, f"host {host[:100]!r} is not allowed; see --allow-host")
         if websocket:
-            return self._admit(parse_qs(url.query), host, (values["origin"] or [None])[0])
+            return self._admit(parse_qs(url.query), host, (values["origin"] or [None])[0], watch_query(target))
         if url.path == "/healthz":
             return Reply(200, json.dumps(self.health()).encode(), "application/json")
         if url.path == "/metrics":
@@ -130,11 +141,19 @@ class Routes:
         except ValueError:
             return name in self.hosts
 
-    def _admit(self, query: dict[str, list[str]], host: str, origin: str | None) -> Reply | None:
-        """Handshake checks: capacity, token (query parameter, as browsers cannot set headers), origin."""
+    def _admit(
+        self, query: dict[str, list[str]], host: str, origin: str | None, watch: tuple[str, str] | None
+    ) -> Reply | None:
+        """Handshake checks: capacity, token (query parameter, as browsers cannot set headers), origin. A viewer's
+        watch link carries its own secret, which stands in for the token."""
         if self.connections() >= self.max_connections:
             return self.refuse(503, ErrorCode.SERVER_FULL, "too many connections")
-        if self.token is not None:
+        if watch is not None:
+            try:
+                self.watch(*watch)
+            except ProtocolError as e:
+                return self.refuse(WATCH_REFUSALS[e.code], e.code, e.message)
+        elif self.token is not None:
             given = query.get("token", [""])[0]
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return self.refuse(401, ErrorCode.UNAUTHORIZED, "missing or wrong token")
