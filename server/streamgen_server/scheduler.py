@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from streamgen.media import MediaError
+from streamgen.media import Clip, MediaError
 from streamgen.pipeline import StreamingPipeline
 from streamgen.runtime import Denoised, MediaChunk, Runner, Stream
 
@@ -59,7 +59,10 @@ class ServedStream(Stream):
         source = {"i2v": "image", "v2v": "video"}.get(request.mode)
         extend = {source: context} if source else {}
         seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed  # one every client can replay
-        super().__init__(request.prompt, seed=seed, steps=request.steps, target_fps=request.target_fps, **extend)
+        super().__init__(
+            request.prompt, seed=seed, steps=request.steps, target_fps=request.target_fps,
+            keep_input=request.context == "original", **extend,
+        )  # fmt: skip
         self.request = request
         self.paused = False
         self.closed = False
@@ -133,6 +136,17 @@ class ServedStream(Stream):
             else:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+def _context(clip: Clip | None, shown: str) -> dict[str, Any]:
+    """What `started` says of an upload: which frames are shown for it (`context`), how many seconds of it were
+    used (its end) and how long it was, so a client knows its clip was cut; and damage that was skipped."""
+    if clip is None:
+        return {}
+    seconds = None if clip.source_seconds is None else round(clip.source_seconds, 3)
+    return {"context": shown, "context_seconds": round(clip.seconds, 3), "upload_seconds": seconds} | (
+        {"warning": f"the upload is damaged: {clip.damaged}"} if clip.damaged else {}
+    )
 
 
 class Scheduler:
@@ -322,6 +336,7 @@ class Scheduler:
             seed=stream.session.seed,
             steps=config.steps if stream.steps is None else stream.steps,
             context_frames=stream.frames,
+            **_context(stream.session.context, stream.request.context),
         )
 
     def _fail(self, stream: ServedStream, e: Exception) -> None:
