@@ -6,6 +6,7 @@ import io
 import shutil
 import struct
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clips
 from streamgen.media import (
+    MAX_PIXELS,
     FragmentedMp4Encoder,
     MediaError,
     Mp4Writer,
+    read_clip,
     read_frames,
     trim_to_4k_plus_1,
     write_mp4,
@@ -202,3 +206,63 @@ def test_fragmented_encoder_rejects_bad_frames() -> None:
         encoder.encode(moving_frames(1))
     with pytest.raises(ValueError, match="even"):
         FragmentedMp4Encoder(95, 64)
+
+
+# -- untrusted input --------------------------------------------------------------------------------------------
+def test_playlists_and_protocols_are_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FFmpeg's probing would take these for playlists and open the files they name (here, next to them)."""
+    monkeypatch.chdir(tmp_path)
+    write_mp4("red.mp4", np.full((5, 32, 32, 3), (255, 0, 0), np.uint8))
+    playlists = {
+        "list.ffconcat": clips.ffconcat("red.mp4"),
+        "list.m3u8": b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nred.mp4\n#EXT-X-ENDLIST\n",
+        "frames%03d.png": b"file:red.mp4",
+    }
+    for name, data in playlists.items():
+        (tmp_path / name).write_bytes(data)
+        for source in (data, io.BytesIO(data), tmp_path / name, open(tmp_path / name, "rb")):
+            with pytest.raises(MediaError, match="cannot decode the input") as refused:
+                read_frames(source, height=32, width=32)
+            assert "red.mp4" not in str(refused.value)
+
+
+def test_sizes_over_the_pixel_limit_are_refused_before_decoding() -> None:
+    with pytest.raises(MediaError, match="frames of 64x64 are over the limit of 1024 pixels"):
+        read_clip(clips.clip(3), height=32, width=32, max_pixels=32 * 32)
+    with pytest.raises(MediaError, match=f"over the limit of {MAX_PIXELS} pixels"):
+        read_clip(clips.png_bomb(), height=32, width=32, first=True)
+    # Peak memory of a fresh process reading the 16000x16000 bomb, against one reading a small image: the bomb is
+    # refused before its 768 MB of RGB exist.
+    script = (
+        "import resource, sys; sys.path.insert(0, 'tests'); import clips; from streamgen.media import read_clip\n"
+        "data = clips.png_bomb() if sys.argv[1] == 'bomb' else clips.image(64, 64)\n"
+        "try: read_clip(data, height=32, width=32, first=True)\nexcept ValueError: pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    root = Path(__file__).parent.parent
+    peak = {kind: int(subprocess.run([sys.executable, "-c", script, kind], cwd=root, capture_output=True, text=True,
+                                     check=True).stdout) for kind in ("bomb", "small")}  # fmt: skip
+    assert peak["bomb"] - peak["small"] < 64 * 1024  # KiB
+
+
+def test_bad_utf8_metadata_is_read() -> None:
+    for container in ("matroska", "mp4"):
+        assert read_clip(clips.bad_metadata(container), height=32, width=32).frames.shape == (5, 32, 32, 3)
+
+
+def test_large_video_frames_are_scaled_straight_from_the_decoder() -> None:
+    """A 1920x1080 clip read to 32x32 keeps its colours and aspect (centre crop), with no full-size RGB frame."""
+    frames = np.zeros((3, 1080, 1920, 3), np.uint8)
+    frames[:, :, 420:1500] = (0, 200, 0)  # a green centre square band, 1080 wide: the crop of a square target
+    data = io.BytesIO()
+    with av.open(data, "w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = i
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode(None))
+    read = read_clip(data.getvalue(), height=32, width=32)
+    assert read.frames.shape == (3, 32, 32, 3)
+    assert np.abs(read.frames[:, 2:-2, 2:-2].astype(int) - (0, 200, 0)).max() < 24
