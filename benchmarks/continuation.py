@@ -7,7 +7,9 @@ For one model directory, on held-out grammar prompts:
   (c) the model's own stream from the prompt: per chunk, the fraction of prompts whose background is the
       captioned one (`world.background_name` of the frame borders) and the mean semantic score of the chunk;
   (d) the same after a clean world prefix (the clip's first two chunks, encoded, as the stream's past): a
-      continuation of clean data against one of the model's own output (exposure bias).
+      continuation of clean data against one of the model's own output (exposure bias);
+  (e) how deep the stream's first latent frame reaches into the VAE decoder's output: mean |change| of each later
+      latent frame's pixels when latent frame 0 alone is changed (the decoder's causal memory).
 
     python benchmarks/continuation.py --model DIR --label NAME [--prompts 8] [--chunks 8]
 """
@@ -71,6 +73,13 @@ def measure(pipe: StreamingPipeline, prompts: int, chunks: int, steps: int) -> d
                          for s in starts])
         vae_streams.append(decoded)
     z = torch.cat(latents)  # (prompts, F, C, h, w)
+    with StreamingDecoder(pipe.vae) as decoder:
+        base = decoder.decode(z[:1].to(pipe.vae.dtype)).float()
+    moved = z[:1].clone()
+    moved[:, 0] = z[1:2, 0]  # another prompt's first frame
+    with StreamingDecoder(pipe.vae) as decoder:
+        change = (decoder.decode(moved.to(pipe.vae.dtype)).float() - base).abs().mean(dim=(0, 1, 3, 4))
+    memory = [float(change[0]), *(float(change[s : s + t_scale].mean()) for s in range(1, frames, t_scale))]
     first, later = z[:, 0], z[:, 1:].flatten(0, 1)
 
     def stats(x: torch.Tensor) -> dict[str, float]:
@@ -88,6 +97,7 @@ def measure(pipe: StreamingPipeline, prompts: int, chunks: int, steps: int) -> d
         "vae_psnr_per_latent_frame": np.mean(vae_psnr, axis=0).round(2).tolist(),
         "vae_per_chunk": per_chunk(vae_streams, captions),
         "latent_stats": {"first": stats(first), "later": stats(later)},
+        "decoder_memory_of_frame_0": np.round(memory, 4).tolist(),
         "stream_per_chunk": per_chunk(free, captions),
         "continuation_per_chunk": per_chunk(continued, captions),
     }
@@ -115,6 +125,9 @@ def render(report: dict) -> str:
         f"Normalised latents, first latent frame: mean |channel mean| {stats['first']['mean_abs']:.2f}, "
         f"channel std {stats['first']['std']:.2f}; later frames: {stats['later']['mean_abs']:.2f}, "
         f"{stats['later']['std']:.2f}.",
+        "",
+        "Decoder's memory of latent frame 0: mean |pixel change| (in [-1, 1] units) of each latent frame's video "
+        "when only latent frame 0 is replaced: " + " / ".join(f"{v:.3f}" for v in r["decoder_memory_of_frame_0"]),
         "",
         "Per chunk (chunk 0 = 1 latent frame, then 3 each): fraction of prompts whose frames show the captioned "
         "background, and the mean semantic score of the chunk.",

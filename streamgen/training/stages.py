@@ -42,10 +42,11 @@ CAPTION = "a large red circle moving right quickly on a black background"
 # The stage whose transformer `export` ships: stage 1, since stage 2 tracked the teacher less closely at every
 # budget on this toy scale (docs/training.md).
 SHIPPED_STAGE = "student"
-# 13 video frames = 4 latent frames. The causal convolutions cache 2 frames, so only from the third latent frame
-# on does a stream run in its steady state; a VAE trained on 5-frame clips (2 latent frames) never saw it and broke
-# every chunk after the first (docs/training.md, "Why the stream lost its prompt").
-VAE_CLIP_FRAMES = 13
+# 65 video frames = 17 latent frames, on 32x32 crops (the VAE is convolutional; a crop costs a quarter of a frame).
+# Each causal convolution caches 2 frames, but stacked they carry the stream's first frame (encoded alone, decoded
+# without temporal upsampling) some 15 latent frames deep: a VAE trained on 5-frame clips (2 latent frames) never
+# saw its steady state and broke every chunk after the first (docs/training.md, "Why the stream lost its prompt").
+VAE_CLIP_FRAMES, VAE_CROP = 65, 32
 BUDGETS = (
     1,
     2,
@@ -61,7 +62,7 @@ class Recipe:
     root: Path = Path("runs/default")
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sizes: C.Sizes = field(default_factory=C.Sizes)
-    batch: int = 8  # clips per transformer step; the VAE, on 13-frame pixel clips, takes a quarter as many
+    batch: int = 8  # clips per transformer step; the VAE, on long cropped pixel clips, takes a quarter as many
     clips: int = 512  # latent training set size
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
@@ -157,7 +158,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, VAE_CLIP_FRAMES)
-        x = x.to(recipe.device)
+        x = _crop(x, VAE_CROP, generator(i, 5)).to(recipe.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator(i, 0, recipe.device))
         error = vae.decode(z).sample - x
@@ -174,6 +175,12 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     set_latent_stats(vae, recipe.world)
     vae.save_pretrained(run.final / "vae")
     return losses
+
+
+def _crop(x: torch.Tensor, size: int, gen: torch.Generator, grid: int = 8) -> torch.Tensor:
+    """A random `size`x`size` crop of `(B, C, T, H, W)` clips, aligned to the latent grid (the VAE's 8x stride)."""
+    top, left = (int(torch.randint(0, (n - size) // grid + 1, (1,), generator=gen)) * grid for n in x.shape[-2:])
+    return x[..., top : top + size, left : left + size]
 
 
 def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
