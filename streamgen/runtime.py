@@ -148,6 +148,7 @@ class Denoised:
     share: float  # this stream's part of the batched denoising time
     batch: int
     first: bool  # the stream's first chunk: shorter, no deadline, not shown to its budget
+    prompt: str | None  # as it was denoised (the stream's may change while the chunk waits to be encoded)
     transition: dict[str, Any] | None  # `MediaChunk.transition`, taken when it was denoised
 
 
@@ -220,7 +221,8 @@ class Runner:
             for (stream, first, (steps, _), transition), z in zip(group, latents):
                 timing = stream.session._commit(z, seconds)
                 share = seconds / len(group)
-                denoised.append(Denoised(stream, z, steps, timing, share, len(group), first, transition))
+                prompt = stream.session.prompt
+                denoised.append(Denoised(stream, z, steps, timing, share, len(group), first, prompt, transition))
         return denoised
 
     def deliver(self, chunk: Denoised) -> MediaChunk:
@@ -228,7 +230,7 @@ class Runner:
         stream, session = chunk.stream, chunk.stream.session
         frames = session._decode(chunk.latents, chunk.steps, chunk.timing, "np")
         media = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
-        media.transition = chunk.transition
+        media.prompt, media.transition = chunk.prompt, chunk.transition
         stream.chunks += 1
         session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
         return media

@@ -71,13 +71,19 @@ class App:
         limits: Limits = Limits(),
         web_root: Path = WEB_ROOT,
         memory_budget: int | None = None,
-        overlap: bool = False,
+        overlap: bool = True,
+        max_batch: int | None = None,
     ) -> None:
         """`origins`: pages of other sites allowed to open the websocket (the server's own host always is);
-        `hosts`: the names the server may be reached as (`routes.allowed_hosts`); `memory_budget`, `overlap`:
-        see `Scheduler`."""
+        `hosts`: the names the server may be reached as (`routes.allowed_hosts`); `memory_budget`, `overlap`,
+        `max_batch`: see `Scheduler`."""
         self.scheduler = Scheduler(
-            pipe, max_active=max_sessions, limits=limits, memory_budget=memory_budget, overlap=overlap
+            pipe,
+            max_active=max_sessions,
+            limits=limits,
+            memory_budget=memory_budget,
+            overlap=overlap,
+            max_batch=max_batch,
         )
         self.metrics = Metrics(self._gauges, lambda: self.scheduler.runner.batch_sizes)
         self.limits = limits

@@ -160,15 +160,18 @@ class Scheduler:
         max_active: int,
         limits: Limits,
         memory_budget: int | None = None,
-        overlap: bool = False,
+        overlap: bool = True,
+        max_batch: int | None = None,
     ) -> None:
         """`memory_budget`: bytes for sessions (default: `runtime.default_memory_budget`); `overlap`: decode and
-        encode a turn's chunks on a second thread while the next turn denoises."""
-        if max_active < 1:
-            raise ValueError(f"max_active must be at least 1, got {max_active}")
-        self.pipe, self.max_active, self.limits = pipe, max_active, limits
+        encode a turn's chunks on a second thread while the next turn denoises (on by default: on two CPU cores it
+        doubled throughput, `benchmarks/results/serving.md`); `max_batch`: most streams in a
+        turn (1: one stream at a time, least recently served first, the scheduler before batching)."""
+        if max_active < 1 or (max_batch is not None and max_batch < 1):
+            raise ValueError(f"max_active and max_batch must be at least 1, got {max_active} and {max_batch}")
+        self.pipe, self.max_active, self.max_batch, self.limits = pipe, max_active, max_batch, limits
         self.runner = Runner(pipe, memory_budget)
-        self._active: list[ServedStream] = []  # admitted, holding a slot
+        self._active: list[ServedStream] = []  # admitted, holding a slot; least recently served first
         self._queue: deque[ServedStream] = deque()
         self._held: set[ServedStream] = set()  # holding a reservation: admitted, or closed while in the runner
         self._running: set[ServedStream] = set()  # in the job on the worker
@@ -283,7 +286,12 @@ class Scheduler:
             if opening is not None:
                 return [opening]
             if any(delay <= 0 for delay, _ in delays):
-                return [stream for delay, stream in delays if delay <= BATCH_JOIN_SECONDS]
+                ready = [stream for delay, stream in sorted(delays, key=lambda d: d[0]) if delay <= BATCH_JOIN_SECONDS]
+                turn = ready[: self.max_batch]
+                for stream in turn:  # to the back of the line
+                    self._active.remove(stream)
+                    self._active.append(stream)
+                return turn
             timeout = min((delay for delay, _ in delays), default=math.inf)
             try:
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)

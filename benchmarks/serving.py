@@ -1,0 +1,236 @@
+"""Serving through the real server: what the chunk runner's batched turns deliver against one stream at a time,
+with and without overlapping the decode and encode with the next turn's denoise, and whether "auto" sessions hold
+their rate. Plus the computed per-session state of the Wan2.1-1.3B-shaped preset (nothing of it is run).
+
+Each configuration is a fresh in-process server (`serve_in_thread`) over the shipped model, driven by Python
+clients over loopback websockets, the way `streamgen serve` is:
+
+* throughput: 1, 2 and 4 `realtime: false` clients (recorders, flat out) at the model's fixed budget; all frames
+  received per wall second, and per session;
+* punctuality: the same counts of `realtime: true` viewers with `steps: "auto"` at `--target-fps`. A viewer starts
+  playing when its first full chunk arrives; a chunk is on time if it arrives before playback reaches its first
+  frame (a late one stalls playback, which then goes on from there).
+
+Modes: "one at a time" (`max_batch=1`: the scheduler before batching, least recently served first), "batched"
+(every ready stream in one denoise per turn) and "batched + overlap" (decode and encode on a second thread).
+
+    python benchmarks/serving.py [--chunks 8] [--auto-chunks 16] [--sessions 1,2,4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from streamgen import StreamConfig, StreamingPipeline, bench, presets
+from streamgen.engine import SinkWindow
+from streamgen.runtime import AUTO, session_bytes
+from streamgen_client.client import StreamClient
+from streamgen_server.app import serve_in_thread
+
+RESULTS = Path(__file__).parent / "results"
+MODES = {"one at a time": {"max_batch": 1}, "batched": {}, "batched + overlap": {"overlap": True}}
+
+
+async def stream(url: str, index: int, chunks: int, **start) -> list[dict]:
+    """One client: start, receive `chunks` generated chunks, stop. Per chunk: its stats and arrival time."""
+    async with await StreamClient.connect(url) as client:
+        await client.send("start", prompt=f"{bench.PROMPT}, viewer {index}", seed=index, **start)
+        received, first_frame = [], {}
+        while len(received) < chunks:
+            message = await client.receive()
+            if isinstance(message, tuple):
+                if message[0]["kind"] == "chunk":
+                    first_frame[message[0]["chunk"]] = message[0]["first_frame"]
+            elif message["type"] == "chunk":
+                received.append(message | {"arrived": time.perf_counter(), "first_frame": first_frame[message["chunk"]]})
+            elif message["type"] == "error":
+                raise RuntimeError(message)
+        await client.send("stop")
+        return received
+
+
+async def clients(url: str, count: int, chunks: int, **start) -> tuple[list[list[dict]], float]:
+    began = time.perf_counter()
+    streams = await asyncio.gather(*(stream(url, i, chunks, **start) for i in range(count)))
+    return streams, time.perf_counter() - began
+
+
+def on_time(chunks: list[dict], fps: float) -> list[bool]:
+    """Per chunk after the first full one: did it arrive before playback (started at the first full chunk's
+    arrival, stalling whenever a chunk is late) reached its first frame?"""
+    full = [c for c in chunks if c["chunk"] >= 1]
+    start, stalled, verdicts = full[0]["arrived"], 0.0, []
+    for chunk in full[1:]:
+        due = start + stalled + (chunk["first_frame"] - full[0]["first_frame"]) / fps
+        verdicts.append(chunk["arrived"] <= due)
+        stalled += max(0.0, chunk["arrived"] - due)
+    return verdicts
+
+
+def throughput(url: str, count: int, chunks: int) -> dict:
+    streams, wall = asyncio.run(clients(url, count, chunks, realtime=False))
+    frames = [sum(c["frames"] for c in chunks) for chunks in streams]
+    batches = [c["batch"] for chunks in streams for c in chunks if c["chunk"] >= 1]
+    return {
+        "sessions": count,
+        "fps_total": sum(frames) / wall,
+        "fps_per_session": [f / wall for f in frames],
+        "batch_mean": statistics.fmean(batches),
+        "wall_s": wall,
+    }
+
+
+def punctuality(url: str, count: int, chunks: int, target_fps: float) -> dict:
+    streams, wall = asyncio.run(clients(url, count, chunks, realtime=True, steps=AUTO, target_fps=target_fps))
+    verdicts = [v for chunks in streams for v in on_time(chunks, target_fps)]
+    full = [[c for c in chunks if c["chunk"] >= 1] for chunks in streams]
+    rates = [sum(c["frames"] for c in f[1:]) / (f[-1]["arrived"] - f[0]["arrived"]) for f in full]
+    steps = [c["steps"] for f in full for c in f]
+    return {
+        "sessions": count,
+        "on_time": sum(verdicts) / len(verdicts),
+        "chunks_judged": len(verdicts),
+        "fps_per_session": rates,
+        "steps_mean": statistics.fmean(steps),
+        "steps_min": min(steps),
+        "steps_max": max(steps),
+        "batch_mean": statistics.fmean(c["batch"] for f in full for c in f),
+    }
+
+
+def preset_state(name: str) -> dict:
+    """Bytes one session of a preset holds at its resolution, in bf16 as served on a GPU: computed on the meta
+    device (shapes only). `before`: the previous layout, which kept each chunk's pre-RoPE keys/values as well
+    as the rotated context slabs."""
+    with init_empty_weights():  # parameters on the meta device: no memory, no initialisation
+        components = presets.build(name)
+    for key in ("transformer", "vae", "text_encoder"):
+        bench._cast(components[key], torch.device("meta"), torch.bfloat16)
+    p = presets.PRESETS[name]
+    pipe = StreamingPipeline(**components, config=StreamConfig(height=p.height, width=p.width))
+    config = pipe.config
+    scale = pipe.latent_scale[1]
+    policy = SinkWindow(config.sink, config.window)
+    cache = pipe.engine.new_cache((p.height // scale, p.width // scale), config.chunk_frames, policy)
+    kv = pipe.engine.cache_bytes(cache, rows=1)
+    chunk_tokens = config.chunk_frames * cache.tokens_per_frame[0]
+    slab = 2 * p.layers * p.heads * p.head_dim * 2  # bytes per token of context: keys and values, all layers
+    total = session_bytes(pipe, config)
+    return {
+        "preset": name,
+        "resolution": f"{p.width}x{p.height}",
+        "context_tokens": cache.capacity_tokens - chunk_tokens,
+        "session_gib": total / 2**30,
+        "kv_gib": kv / 2**30,
+        "decoder_gib": (total - kv) / 2**30,
+        "before_gib": (total + (cache.capacity_tokens - chunk_tokens) * slab) / 2**30,
+    }
+
+
+def markdown(report: dict) -> str:
+    m, model = report["machine"], report["model"]
+    lines = [
+        "# Serving through the real server",
+        "",
+        f"`python benchmarks/serving.py {report['arguments']}` ({report['seconds']:.0f} s): {model['source']} model at "
+        f"{model['width']}x{model['height']}, {model['fps']} fps, {report['steps']} steps for the recorders; "
+        f"{m['device']} ({m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch thread(s), load average "
+        f"{m['load_average'][0]} to {m['load_average_end'][0]}: a shared machine, so compare within this run). "
+        "One server per mode, Python clients over loopback websockets.",
+        "",
+        f"## Throughput: `realtime: false` recorders, {report['chunks']} chunks each",
+        "",
+        "| sessions | " + " | ".join(f"{mode}: fps total (per session)" for mode in MODES) + " | batched / one at a time "
+        "| overlap / one at a time |",
+        "|---:|" + "---:|" * (len(MODES) + 2),
+    ]
+    for rows in zip(*(report["throughput"][mode] for mode in MODES)):
+        cells = [f"{r['fps_total']:.1f} ({', '.join(f'{x:.1f}' for x in r['fps_per_session'])})" for r in rows]
+        base = rows[0]["fps_total"]
+        lines.append(
+            f"| {rows[0]['sessions']} | " + " | ".join(cells) + f" | {rows[1]['fps_total'] / base:.2f}x"
+            f" | {rows[2]['fps_total'] / base:.2f}x |"
+        )
+    lines += [
+        "",
+        f"## Punctuality: `realtime: true` viewers, `steps: \"auto\"` at {report['target_fps']:g} fps, "
+        f"{report['auto_chunks']} chunks each",
+        "",
+        "A chunk is on time if it arrives before the viewer's playback (from the first full chunk on, stalling when "
+        "late) reaches it.",
+        "",
+        "| mode | sessions | chunks on time | fps per session | steps mean (min-max) | chunks per batch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        for r in report["punctuality"][mode]:
+            lines.append(
+                f"| {mode} | {r['sessions']} | {100 * r['on_time']:.0f}% of {r['chunks_judged']} | "
+                f"{', '.join(f'{x:.1f}' for x in r['fps_per_session'])} | {r['steps_mean']:.1f} ({r['steps_min']}-"
+                f"{r['steps_max']}) | {r['batch_mean']:.2f} |"
+            )
+    s = report["preset_state"]
+    lines += [
+        "",
+        "## State per session, computed",
+        "",
+        f"`{s['preset']}` preset at {s['resolution']}, bf16, the default window (sink 1 + 4 compressed chunks, 2 full): "
+        f"{s['session_gib']:.2f} GiB per session ({s['kv_gib']:.2f} GiB KV context, one copy of "
+        f"{s['context_tokens']} tokens plus one chunk's room, and retained latents; {s['decoder_gib']:.2f} GiB VAE "
+        f"decoder state), against {s['before_gib']:.2f} GiB when each chunk's keys were kept beside the rotated "
+        "slabs. This is what the server reserves per session under `--memory-budget`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("--sessions", default="1,2,4")
+    p.add_argument("--chunks", type=int, default=8, help="chunks per recorder")
+    p.add_argument("--auto-chunks", type=int, default=16, help="chunks per auto viewer")
+    p.add_argument("--target-fps", type=float, default=16.0)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    p.add_argument("--out", type=Path, default=RESULTS / "serving")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    pipe, source = bench.load(args.model, None, args.device)
+    counts = bench.parse_ints(args.sessions)
+    machine = bench.machine(pipe.device)
+    started = time.perf_counter()
+    report = {"throughput": {}, "punctuality": {}}
+    for mode, options in MODES.items():
+        with serve_in_thread(pipe, max_sessions=max(counts), **options) as server:
+            asyncio.run(clients(server.websocket_url, 1, 3, realtime=False))  # warm-up: first calls, allocator
+            report["throughput"][mode] = [throughput(server.websocket_url, n, args.chunks) for n in counts]
+            report["punctuality"][mode] = [
+                punctuality(server.websocket_url, n, args.auto_chunks, args.target_fps) for n in counts
+            ]
+        print(mode, report["throughput"][mode], report["punctuality"][mode], flush=True)
+    machine["load_average_end"] = bench.load_average()
+    report |= {
+        "arguments": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "machine": machine,
+        "model": bench.describe(pipe, source),
+        "steps": pipe.config.steps,
+        "chunks": args.chunks,
+        "auto_chunks": args.auto_chunks,
+        "target_fps": args.target_fps,
+        "seconds": time.perf_counter() - started,
+        "preset_state": preset_state("wan-1.3b"),
+    }
+    bench.save_report(args.out, report, markdown)
+
+
+if __name__ == "__main__":
+    main()
