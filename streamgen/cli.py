@@ -168,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     # Limits: unset means the server's default (docs/protocol.md).
     serve.add_argument("--max-sessions-per-client", type=int, help="live sessions per client IP address")
     serve.add_argument("--max-pause-seconds", type=float, help="a session paused longer is stopped")
+    ray = serve.add_argument_group("Ray Serve (pip install -e '.[ray]'; docs/scaling.md)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: one replica per device, same protocol")
+    replicas = ray.add_mutually_exclusive_group()
+    replicas.add_argument("--replicas", type=int, default=1, help="a fixed number of replicas")
+    replicas.add_argument("--min-replicas", type=int, help="autoscale on sessions from this many replicas...")
+    ray.add_argument("--max-replicas", type=int, help="...to this many")
+    ray.add_argument("--address", help="join this Ray cluster ('auto': the one started with `ray start`)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     serve.set_defaults(run=lambda a: __import__("streamgen_server.app", fromlist=["main"]).main(a))
 
     # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`.

@@ -7,12 +7,11 @@ import asyncio
 import io
 import json
 import urllib.request
-from functools import partial
 from typing import Any
 
 import av
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from streamgen import StreamingPipeline
@@ -47,24 +46,6 @@ def events(messages: list[str | bytes], kind: str) -> list[dict[str, Any]]:
     return [m for m in (json.loads(t) for t in messages if isinstance(t, str)) if m["type"] == kind]
 
 
-async def until(socket: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next text message of type `kind` on `socket` (others, media included, are skipped)."""
-    while not events([message := await socket.recv()], kind):
-        pass
-    return json.loads(message)
-
-
-async def start(owner: ClientConnection, prompt: str, realtime: bool = True) -> dict[str, Any]:
-    """Start a one-step stream; its `started`."""
-    await owner.send(json.dumps({"type": "start", "prompt": prompt, "steps": 1, "realtime": realtime}))
-    return await until(owner, "started")
-
-
-def watch_link(base: str, started: dict[str, Any]) -> str:
-    """The websocket URL of a stream's watch link (`base`: the server's /ws)."""
-    return base + started["watch_url"].removeprefix("/")
-
-
 def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) -> None:
     async def watch(url: str, chunks: int) -> list[str | bytes]:
         """A viewer's conversation until it has `chunks` chunks of media."""
@@ -76,10 +57,13 @@ def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) ->
 
     async def scenario(base: str, metrics_url: str) -> None:
         async with connect(base) as owner:
-            started = await start(owner, "a crowd watching")
-            link, owned = started["watch_url"], []
+            await owner.send(json.dumps({"type": "start", "prompt": "a crowd watching", "steps": 1, "realtime": True}))
+            owned: list[str | bytes] = []
+            while not events(owned, "started"):
+                owned.append(await owner.recv())
+            link = events(owned, "started")[0]["watch_url"]
             assert link.startswith("/?watch=") and "&key=" in link
-            viewers = [asyncio.create_task(watch(watch_link(base, started), 2)) for _ in range(WATCHERS)]
+            viewers = [asyncio.create_task(watch(base + link.removeprefix("/"), 2)) for _ in range(WATCHERS)]
             while not any(m.get("count") == WATCHERS for m in events(owned, "viewers")):  # the owner is told
                 owned.append(await owner.recv())
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
@@ -125,7 +109,7 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
             stalled.append(message)
 
         owner = Connection(
-            scheduler, partial(record, owned), metrics, client="owner", sessions=ClientSessions(1), audience=audience
+            scheduler, lambda m: record(owned, m), metrics, client="owner", sessions=ClientSessions(1), audience=audience
         )
         await owner.open()
         await owner.receive(json.dumps({"type": "start", "prompt": "fast", "steps": 1, "realtime": False}))
@@ -133,7 +117,7 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
             await asyncio.sleep(0.01)
         link = events(owned, "started")[0]["watch_url"]
         watch, key = link.removeprefix("/?watch=").split("&key=")
-        slow, fast = (Viewer(audience, watch, key, send, metrics) for send in (stall, partial(record, read)))
+        slow, fast = Viewer(audience, watch, key, stall, metrics), Viewer(audience, watch, key, lambda m: record(read, m), metrics)
         await slow.open()
         await fast.open()
         start = len(events(owned, "chunk"))
@@ -164,22 +148,26 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
 def test_watch_links_are_checked_and_viewers_control_nothing(pipe: StreamingPipeline) -> None:
     async def scenario(base: str) -> None:
         async with connect(base) as owner:
-            started = await start(owner, "private")
+            await owner.send(json.dumps({"type": "start", "prompt": "private", "steps": 1}))
+            while (started := json.loads(await owner.recv()))["type"] != "started":
+                pass
             watch = started["watch_url"].removeprefix("/?watch=").split("&key=")[0]
-            refusals = {f"?watch={watch}&key=wrong": 403, f"?watch={watch}": 403, "?watch=nope&key=x": 404}
-            for query, status in refusals.items():
+            for query, status in ((f"?watch={watch}&key=wrong", 403), (f"?watch={watch}", 403), ("?watch=nope&key=x", 404)):
                 with pytest.raises(InvalidStatus) as refused:
                     await connect(base + query)
                 assert refused.value.response.status_code == status
                 assert json.loads(refused.value.response.body)["type"] == "error"
-            async with connect(watch_link(base, started)) as viewer:
+            async with connect(base + started["watch_url"].removeprefix("/")) as viewer:
                 assert json.loads(await viewer.recv())["type"] == "started"
                 await viewer.send(json.dumps({"type": "stop"}))  # a viewer cannot stop (or steer) the stream
-                assert (await until(viewer, "error"))["code"] == "watch_only"
+                while (message := await viewer.recv()) and json.loads(message if isinstance(message, str) else "{}").get("type") != "error":
+                    pass
+                assert json.loads(message)["code"] == "watch_only"
                 await owner.send(json.dumps({"type": "stop"}))
-                await until(viewer, "stopped")  # the owner's stop ends the broadcast for its viewers
+                while not (isinstance(m := await viewer.recv(), str) and json.loads(m)["type"] == "stopped"):
+                    pass  # the owner's stop ends the broadcast for its viewers
             with pytest.raises(InvalidStatus) as ended:
-                await connect(watch_link(base, started))
+                await connect(base + started["watch_url"].removeprefix("/"))
             assert ended.value.response.status_code == 404  # and the link with it
 
     with serve_in_thread(pipe) as server:
@@ -189,7 +177,10 @@ def test_watch_links_are_checked_and_viewers_control_nothing(pipe: StreamingPipe
 def test_viewer_limits(pipe: StreamingPipeline) -> None:
     async def scenario(base: str) -> None:
         async with connect(base) as owner:
-            link = watch_link(base, await start(owner, "popular"))
+            await owner.send(json.dumps({"type": "start", "prompt": "popular", "steps": 1}))
+            while (started := json.loads(await owner.recv()))["type"] != "started":
+                pass
+            link = base + started["watch_url"].removeprefix("/")
             async with connect(link), connect(link):
                 with pytest.raises(InvalidStatus) as full:
                     await connect(link)

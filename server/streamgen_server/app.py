@@ -73,10 +73,12 @@ class App:
         memory_budget: int | None = None,
         overlap: bool = True,
         max_batch: int | None = None,
+        replica: str | None = None,
     ) -> None:
         """`origins`: pages of other sites allowed to open the websocket (the server's own host always is);
         `hosts`: the names the server may be reached as (`routes.allowed_hosts`); `memory_budget`, `overlap`,
-        `max_batch`: see `Scheduler`."""
+        `max_batch`: see `Scheduler`; `replica`: this server's name among several (Ray Serve), told in `started`."""
+        self.replica = replica
         self.scheduler = Scheduler(
             pipe,
             max_active=max_sessions,
@@ -88,6 +90,7 @@ class App:
         self.metrics = Metrics(self._gauges, lambda: self.scheduler.runner.batch_sizes)
         self.limits = limits
         self.connections: set[Connection | Viewer] = set()
+        self._runner: asyncio.Task[None] | None = None  # the scheduler's loop, from `start` to `shutdown`
         self.sessions = ClientSessions(limits.max_sessions_per_client)
         self.audience = Audience(limits)
         self.routes = Routes(
@@ -115,13 +118,23 @@ class App:
             max_queue=4,  # frames buffered per connection before TCP pushes back on the client
             server_header="streamgen",
         ) as server:
-            runner = asyncio.create_task(self.scheduler.run())
+            self.start()
             on_listening(server.sockets[0].getsockname()[1])
             await stop.wait()
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
-            await self.scheduler.shutdown()
-            await asyncio.gather(*(connection.flush(SHUTDOWN_FLUSH_SECONDS) for connection in self.connections))
+            await self.shutdown()
+
+    def start(self) -> None:
+        """Start generating: the scheduler's loop, on the running event loop (any transport's)."""
+        self._runner = asyncio.create_task(self.scheduler.run())
+
+    async def shutdown(self) -> None:
+        """Every client is told `stopped` (reason "shutdown"), a running chunk finishes, sessions are freed, and
+        what is left to send goes out (bounded); the transport then closes the sockets."""
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        await self.scheduler.shutdown()
+        await asyncio.gather(*(connection.flush(SHUTDOWN_FLUSH_SECONDS) for connection in self.connections))
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
         return {
@@ -146,7 +159,13 @@ class App:
             connection = Viewer(self.audience, *watch, send, self.metrics)
         else:
             connection = Connection(
-                self.scheduler, send, self.metrics, client=client, sessions=self.sessions, audience=self.audience
+                self.scheduler,
+                send,
+                self.metrics,
+                client=client,
+                sessions=self.sessions,
+                audience=self.audience,
+                replica=self.replica,
             )
         self.connections.add(connection)
         return connection
@@ -238,16 +257,15 @@ def limits(args: argparse.Namespace) -> Limits:
     return Limits(**{name: value for name, value in given.items() if value is not None})
 
 
-def main(args: argparse.Namespace) -> int:
-    """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM."""
+def build(args: argparse.Namespace, replica: str | None = None) -> App:
+    """The server `streamgen serve` describes: its model loaded, its limits, token, origins and hosts. Ray Serve
+    replicas (`rayserve`) build theirs from the same arguments."""
     from streamgen.cli import load_pipeline
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
     pipe = load_pipeline(args)
     size = {name: value for name in ("height", "width") if (value := getattr(args, name))}
     pipe.config = pipe.config.replace(**size)  # --height/--width: every session's default
-    app = App(
+    return App(
         pipe,
         max_sessions=args.max_sessions,
         token=args.token,
@@ -255,11 +273,23 @@ def main(args: argparse.Namespace) -> int:
         hosts=allowed_hosts(args.host, args.allow_host or ()),
         limits=limits(args),
         memory_budget=args.memory_budget,
+        replica=replica,
     )
+
+
+def main(args: argparse.Namespace) -> int:
+    """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM (`--ray`: on Ray Serve)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
+    if args.ray:
+        from . import rayserve
+
+        return rayserve.main(args)
+    app = build(args)
 
     def listening(port: int) -> None:
         query = f"?token={args.token}" if args.token else ""
-        config = pipe.config
+        config = app.scheduler.pipe.config
         print(
             f"streamgen serving {config.width}x{config.height} at {config.fps} fps on "
             f"http://{args.host}:{port}/{query} (websocket ws://{args.host}:{port}{WEBSOCKET_PATH})",

@@ -95,11 +95,12 @@ class Connection:
         client: str,
         sessions: ClientSessions,
         audience: Audience | None = None,
+        replica: str | None = None,
     ) -> None:
         """`client`: the peer's address, whose live sessions `sessions` counts; `audience`: where the streams
-        are watched (None: no watch links)."""
+        are watched (None: no watch links); `replica`: this server's name among several, told in `started`."""
         self.scheduler, self.metrics, self.limits = scheduler, metrics, scheduler.limits
-        self.client, self.sessions = client, sessions
+        self.client, self.sessions, self.replica = client, sessions, replica
         self.audience = audience
         self._broadcast: Broadcast | None = None  # the live stream's audience
         self._send = send
@@ -269,6 +270,8 @@ class Connection:
                 if isinstance(message, MediaChunk):
                     await self._send_media(message)
                 else:
+                    if message["type"] == "started" and self.replica is not None:
+                        message["replica"] = self.replica
                     await self._emit(self._broadcast_life(stream, message))
         finally:
             self.scheduler.close(stream, "error")  # a no-op after `stopped`; frees the slot if sending failed

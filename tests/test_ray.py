@@ -1,0 +1,210 @@
+"""`streamgen serve --ray` on a local Ray instance (2 CPUs, no dashboard): two replicas of the tiny model behind
+Ray's HTTP proxy, driven with the same Python client as the plain server. Skipped when the `ray` extra is absent.
+
+One deployment serves the module's tests in order; Ray is always shut down at the end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import psutil
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+from ray import serve  # noqa: E402
+from ray.serve.context import _get_global_client  # noqa: E402
+
+from streamgen import cli  # noqa: E402
+from streamgen_client.client import StreamClient, record  # noqa: E402
+from streamgen_server import app as server_app  # noqa: E402
+from streamgen_server import rayserve  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+TIMEOUT = 60  # seconds for any one client conversation
+SLOTS = 2  # --max-sessions per replica
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT))
+
+
+def serve_args(monkeypatch: pytest.MonkeyPatch, *argv: str) -> argparse.Namespace:
+    """`streamgen serve ...` parsed by the real CLI, up to where it would start serving."""
+    parsed: list[argparse.Namespace] = []
+    monkeypatch.setattr(server_app, "main", lambda args: parsed.append(args) or 0)
+    assert cli.main(["serve", *argv]) == 0
+    return parsed[0]
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir: Path) -> Iterator[tuple[str, argparse.Namespace]]:
+    """Two replicas on a local Ray instance; yields the proxy's websocket URL and the serve arguments."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        argv = ["--ray", "--model", str(model_dir), "--device", "cpu", "--height", "64", "--width", "64"]
+        args = serve_args(monkeypatch, *argv, "--port", str(free_port()), "--replicas", "2", "--max-sessions", str(SLOTS))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        rayserve.start(args)
+        yield f"ws://127.0.0.1:{args.port}/ws", args
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def replicas() -> dict[str, dict[str, Any]]:
+    """The deployment's replicas as the controller sees them: {replica id: details (state, pid, ...)}."""
+    deployments = _get_global_client().get_serve_details()["applications"][rayserve.APP_NAME]["deployments"]
+    return {replica["replica_id"]: replica for replica in deployments["Replica"]["replicas"]}
+
+
+def frames_in(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+async def next_of(client: StreamClient, *kinds: str) -> dict[str, Any]:
+    while True:
+        message = await client.receive()
+        if isinstance(message, dict) and message["type"] in kinds:
+            return message
+
+
+async def the_end(client: StreamClient) -> str:
+    """How a stream ends for its client: "closed" (the socket), or an `error` or `stopped` message."""
+    try:
+        while True:
+            message = await client.receive()
+            if isinstance(message, dict) and message["type"] in ("error", "stopped"):
+                return message["type"]
+    except ConnectionClosed:
+        return "closed"
+
+
+async def started(url: str, prompt: str) -> tuple[StreamClient, str]:
+    """A live session, paced like a viewer: (client, the replica serving it)."""
+    client = await StreamClient.connect(url)
+    await client.start(prompt, realtime=True)
+    return client, (await next_of(client, "started"))["replica"]
+
+
+def test_sessions_are_spread_over_both_replicas_and_stream_whole(deployment, tmp_path: Path) -> None:
+    url, _ = deployment
+
+    async def session(i: int):
+        async with await StreamClient.connect(url) as client:
+            return await record(client, tmp_path / f"s{i}.mp4", prompt=f"scene {i}", chunks=4, seed=i)
+
+    async def four():
+        return await asyncio.gather(*(session(i) for i in range(4)))
+
+    recordings = run(four())
+    served_by = {next(e for e in r.events if e["type"] == "started")["replica"] for r in recordings}
+    assert served_by == set(replicas())  # both replicas, each under its own id
+    for recording in recordings:
+        media = [s for s in recording.segments if s["kind"] != "init"]
+        assert [s["chunk"] for s in media] == [c["chunk"] for c in recording.chunks] == [0, 1, 2, 3]
+        assert [s["first_frame"] for s in media] == [0, 1, 13, 25]
+        assert frames_in(recording.path) == recording.frames == 37
+
+
+def test_a_websocket_counts_as_an_ongoing_request_so_the_one_over_capacity_waits(deployment) -> None:
+    """With every slot of both replicas held, the next handshake waits in Ray's proxy (no replica accepts it)
+    until a session ends; then it is served. Nothing is dropped."""
+    url, _ = deployment
+
+    async def scenario() -> None:
+        held = [await started(url, f"hold {i}") for i in range(2 * SLOTS)]
+        assert {replica for _, replica in held} == set(replicas())
+        waiting = asyncio.create_task(StreamClient.connect(url))
+        await asyncio.sleep(3.0)
+        assert not waiting.done()  # not refused, not accepted: queued at the proxy
+        first, _ = held.pop(0)
+        await first.close()
+        late = await asyncio.wait_for(waiting, 30)
+        await late.start("finally", realtime=True)
+        assert (await next_of(late, "started"))["replica"] in replicas()
+        for client in [late, *(client for client, _ in held)]:
+            client.websocket.transport.abort()
+
+    run(scenario())
+
+
+def test_a_killed_replica_ends_its_sessions_and_the_other_goes_on(deployment) -> None:
+    url, _ = deployment
+
+    async def scenario() -> None:
+        sessions: dict[str, StreamClient] = {}
+        extra: list[StreamClient] = []
+        while len(sessions) < 2:  # one session on each replica
+            client, replica = await started(url, "keep going")
+            (extra if replica in sessions else []).append(client)
+            sessions.setdefault(replica, client)
+        for client in extra:
+            client.websocket.transport.abort()
+        (victim, doomed), (survivor, living) = sessions.items()
+        pids = {replica: details["pid"] for replica, details in replicas().items()}
+        rss = psutil.Process(pids[survivor]).memory_info().rss
+        os.kill(pids[victim], signal.SIGKILL)
+        assert await asyncio.wait_for(the_end(doomed), 30) in ("closed", "error", "stopped")  # no hang
+        # The other replica's session goes on undisturbed...
+        chunks = [await next_of(living, "chunk") for _ in range(3)]
+        assert [c["chunk"] for c in chunks] == list(range(chunks[0]["chunk"], chunks[0]["chunk"] + 3))
+        # ...and a new session is served.
+        fresh, replica = await started(url, "after the fault")
+        await next_of(fresh, "chunk")
+        for client in (living, fresh):
+            await client.send("stop")
+            await next_of(client, "stopped")
+            await client.close()
+        grown = psutil.Process(pids[survivor]).memory_info().rss - rss
+        assert grown < 64 * 2**20, f"the surviving replica grew by {grown / 2**20:.0f} MiB"
+
+    run(scenario())
+
+
+def test_a_replica_that_ray_stops_drains_its_sessions(deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scaling down to one replica: the sessions of the replica that goes are told `stopped` (reason shutdown)
+    and closed with 1001; the one that stays keeps streaming."""
+    url, args = deployment
+    deadline = time.monotonic() + 120
+    while len([r for r in replicas().values() if r["state"] == "RUNNING"]) < 2:  # the killed one is back
+        assert time.monotonic() < deadline, replicas()
+        time.sleep(1)
+
+    async def scenario() -> None:
+        sessions: dict[str, StreamClient] = {}
+        while len(sessions) < 2:
+            client, replica = await started(url, "until the end")
+            if replica in sessions:
+                client.websocket.transport.abort()
+            sessions.setdefault(replica, client)
+        monkeypatch.setattr(args, "replicas", 1)
+        await asyncio.to_thread(serve.run, rayserve.application(args), name=rayserve.APP_NAME, route_prefix="/")
+        (kept,) = [replica for replica, details in replicas().items() if details["state"] == "RUNNING"]
+        for replica, client in sessions.items():
+            if replica == kept:
+                await next_of(client, "chunk")
+                await client.close()
+            else:
+                assert (await next_of(client, "stopped"))["reason"] == "shutdown"
+                await client.websocket.wait_closed()
+                assert client.websocket.close_code == 1001
+
+    run(scenario())
