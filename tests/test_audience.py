@@ -7,11 +7,12 @@ import asyncio
 import io
 import json
 import urllib.request
+from functools import partial
 from typing import Any
 
 import av
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from streamgen import StreamingPipeline
@@ -46,6 +47,24 @@ def events(messages: list[str | bytes], kind: str) -> list[dict[str, Any]]:
     return [m for m in (json.loads(t) for t in messages if isinstance(t, str)) if m["type"] == kind]
 
 
+async def until(socket: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next text message of type `kind` on `socket` (others, media included, are skipped)."""
+    while not events([message := await socket.recv()], kind):
+        pass
+    return json.loads(message)
+
+
+async def start(owner: ClientConnection, prompt: str, realtime: bool = True) -> dict[str, Any]:
+    """Start a one-step stream; its `started`."""
+    await owner.send(json.dumps({"type": "start", "prompt": prompt, "steps": 1, "realtime": realtime}))
+    return await until(owner, "started")
+
+
+def watch_link(base: str, started: dict[str, Any]) -> str:
+    """The websocket URL of a stream's watch link (`base`: the server's /ws)."""
+    return base + started["watch_url"].removeprefix("/")
+
+
 def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) -> None:
     async def watch(url: str, chunks: int) -> list[str | bytes]:
         """A viewer's conversation until it has `chunks` chunks of media."""
@@ -57,13 +76,10 @@ def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) ->
 
     async def scenario(base: str, metrics_url: str) -> None:
         async with connect(base) as owner:
-            await owner.send(json.dumps({"type": "start", "prompt": "a crowd watching", "steps": 1, "realtime": True}))
-            owned: list[str | bytes] = []
-            while not events(owned, "started"):
-                owned.append(await owner.recv())
-            link = events(owned, "started")[0]["watch_url"]
+            started = await start(owner, "a crowd watching")
+            link, owned = started["watch_url"], []
             assert link.startswith("/?watch=") and "&key=" in link
-            viewers = [asyncio.create_task(watch(base + link.removeprefix("/"), 2)) for _ in range(WATCHERS)]
+            viewers = [asyncio.create_task(watch(watch_link(base, started), 2)) for _ in range(WATCHERS)]
             while not any(m.get("count") == WATCHERS for m in events(owned, "viewers")):  # the owner is told
                 owned.append(await owner.recv())
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
@@ -109,7 +125,7 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
             stalled.append(message)
 
         owner = Connection(
-            scheduler, lambda m: record(owned, m), metrics, client="owner", sessions=ClientSessions(1), audience=audience
+            scheduler, partial(record, owned), metrics, client="owner", sessions=ClientSessions(1), audience=audience
         )
         await owner.open()
         await owner.receive(json.dumps({"type": "start", "prompt": "fast", "steps": 1, "realtime": False}))
@@ -117,7 +133,7 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
             await asyncio.sleep(0.01)
         link = events(owned, "started")[0]["watch_url"]
         watch, key = link.removeprefix("/?watch=").split("&key=")
-        slow, fast = Viewer(audience, watch, key, stall, metrics), Viewer(audience, watch, key, lambda m: record(read, m), metrics)
+        slow, fast = (Viewer(audience, watch, key, send, metrics) for send in (stall, partial(record, read)))
         await slow.open()
         await fast.open()
         start = len(events(owned, "chunk"))
@@ -148,26 +164,22 @@ def test_a_watcher_that_stops_reading_is_dropped_to_key_frames_and_delays_no_one
 def test_watch_links_are_checked_and_viewers_control_nothing(pipe: StreamingPipeline) -> None:
     async def scenario(base: str) -> None:
         async with connect(base) as owner:
-            await owner.send(json.dumps({"type": "start", "prompt": "private", "steps": 1}))
-            while (started := json.loads(await owner.recv()))["type"] != "started":
-                pass
+            started = await start(owner, "private")
             watch = started["watch_url"].removeprefix("/?watch=").split("&key=")[0]
-            for query, status in ((f"?watch={watch}&key=wrong", 403), (f"?watch={watch}", 403), ("?watch=nope&key=x", 404)):
+            refusals = {f"?watch={watch}&key=wrong": 403, f"?watch={watch}": 403, "?watch=nope&key=x": 404}
+            for query, status in refusals.items():
                 with pytest.raises(InvalidStatus) as refused:
                     await connect(base + query)
                 assert refused.value.response.status_code == status
                 assert json.loads(refused.value.response.body)["type"] == "error"
-            async with connect(base + started["watch_url"].removeprefix("/")) as viewer:
+            async with connect(watch_link(base, started)) as viewer:
                 assert json.loads(await viewer.recv())["type"] == "started"
                 await viewer.send(json.dumps({"type": "stop"}))  # a viewer cannot stop (or steer) the stream
-                while (message := await viewer.recv()) and json.loads(message if isinstance(message, str) else "{}").get("type") != "error":
-                    pass
-                assert json.loads(message)["code"] == "watch_only"
+                assert (await until(viewer, "error"))["code"] == "watch_only"
                 await owner.send(json.dumps({"type": "stop"}))
-                while not (isinstance(m := await viewer.recv(), str) and json.loads(m)["type"] == "stopped"):
-                    pass  # the owner's stop ends the broadcast for its viewers
+                await until(viewer, "stopped")  # the owner's stop ends the broadcast for its viewers
             with pytest.raises(InvalidStatus) as ended:
-                await connect(base + started["watch_url"].removeprefix("/"))
+                await connect(watch_link(base, started))
             assert ended.value.response.status_code == 404  # and the link with it
 
     with serve_in_thread(pipe) as server:
@@ -176,15 +188,15 @@ def test_watch_links_are_checked_and_viewers_control_nothing(pipe: StreamingPipe
 
 def test_viewer_limits(pipe: StreamingPipeline) -> None:
     async def scenario(base: str) -> None:
-        async with connect(base) as owner:
-            await owner.send(json.dumps({"type": "start", "prompt": "popular", "steps": 1}))
-            while (started := json.loads(await owner.recv()))["type"] != "started":
-                pass
-            link = base + started["watch_url"].removeprefix("/")
-            async with connect(link), connect(link):
-                with pytest.raises(InvalidStatus) as full:
-                    await connect(link)
-                assert full.value.response.status_code == 503
+        async with connect(base) as owner, connect(base) as other:
+            link = watch_link(base, await start(owner, "popular"))
+            other_link = watch_link(base, await start(other, "less popular"))
+            async with connect(link), connect(link), connect(other_link):
+                for full_link in (link, other_link):  # this stream's audience is full; then the server's
+                    with pytest.raises(InvalidStatus) as full:
+                        await connect(full_link)
+                    assert full.value.response.status_code == 503
+                    assert "as many viewers" in json.loads(full.value.response.body)["message"]
 
-    with serve_in_thread(pipe, limits=Limits(max_viewers_per_session=2)) as server:
+    with serve_in_thread(pipe, limits=Limits(max_viewers_per_session=2, max_viewers=3)) as server:
         asyncio.run(asyncio.wait_for(scenario(server.websocket_url), TIMEOUT))
