@@ -1,25 +1,34 @@
 """What a person feels: control-to-screen latency of the live page, in a real headless Chromium on a real server.
 
 Each page is the shipped web player (`clients/web/`), driven from inside the page so that every time is read on
-the page's own clock. Per session: Start is pressed `--starts` times (first-frame latency: press -> first
-frame displayed), then `--changes` controls are sent at random moments of the chunk cycle, alternately a new
-prompt and a new step count. Per change: *arrive* = send -> the first media of the first chunk made under the
-change reaches the page; *display* = send -> the page displays that chunk's first frame (the page reports each
-displayed frame's number: `player.displayed`). With n sessions, n pages run at once, one session each.
+the page's own clock. Per page session: Start is pressed (first-frame latency: press -> first frame displayed),
+then controls are sent at random moments of the chunk cycle, alternately a new prompt and a new step count. Per
+change: *arrive* = send -> the first media of the first chunk made under the change reaches the page; *display* =
+send -> the page displays that chunk's first frame (the page reports each displayed frame's number:
+`player.displayed`). With n sessions, n pages run at once, one session each.
 
-    OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--changes 12] [--label before]
+The configurations, player x pacing, are measured in one run, interleaved round by round so that they share the
+machine's load (a shared CPU's load moves by the minute): the page's WebCodecs player or its MSE fallback
+(`player=mse`), and the pacing lead measured per stream (`ServedStream.lead`) or the constant one second it
+replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds). "mse+fixed" is the page and pacing before
+issue 14; "webcodecs+measured" what the page and server do now.
+
+    OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--rounds 3] [--changes 4]
 
 Needs Playwright (Python package) and Debian's Chromium at /usr/bin/chromium (never `playwright install`).
-Results: benchmarks/results/interaction_<label>.json, and the table printed (benchmarks/results/interaction.md
-holds the before/after comparison).
+Results: benchmarks/results/interaction.json and interaction.md (with the run of the code before issue 14,
+interaction_before.json, taken with that commit's version of this script, for reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,10 +36,13 @@ from playwright.async_api import async_playwright
 
 from streamgen import bench
 from streamgen_server.app import serve_in_thread
+from streamgen_server.scheduler import PACE_LEAD_SECONDS, ServedStream
 
 RESULTS = Path(__file__).parent / "results"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"]
+PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
+LEADS = ("measured", "fixed")
 
 # Runs in the page: records when media and stats arrive, then drives starts and changes; returns raw timings.
 DRIVE = """async ({starts, changes, steps, session}) => {
@@ -96,55 +108,115 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "p95": p95, "n": len(values)}
 
 
-async def run_sessions(url: str, count: int, args: argparse.Namespace) -> dict:
-    """`count` pages at once, each with its own session; their timings pooled."""
+@contextlib.contextmanager
+def pacing(lead: str) -> Iterator[None]:
+    """"measured": the server as it is; "fixed": every stream's lead pinned to PACE_LEAD_SECONDS, the constant
+    lead before issue 14 (the cap of the measured one)."""
+    measured = ServedStream.lead
+    if lead == "fixed":
+        ServedStream.lead = property(lambda stream: PACE_LEAD_SECONDS)
+    try:
+        yield
+    finally:
+        ServedStream.lead = measured
+
+
+async def run_pages(browser, url: str, count: int, query: str, args: argparse.Namespace) -> list[dict]:
+    """`count` pages at once, each with its own session: one Start, `args.changes` changes, Stop."""
+    pages = []
+    try:
+        for i in range(count):
+            page = await browser.new_page()
+            await page.goto(f"{url}?prompt=session%20{i}%3A%20a%20red%20fox&steps={args.steps}{query}")
+            await page.wait_for_function("() => window.streamgen?.state === 'idle'", timeout=60_000)
+            pages.append(page)
+        options = {"starts": 1, "changes": args.changes, "steps": args.steps}
+        return await asyncio.gather(*(page.evaluate(DRIVE, options | {"session": i}) for i, page in enumerate(pages)))
+    finally:
+        for page in pages:
+            await page.close()
+
+
+async def run_sessions(url: str, count: int, args: argparse.Namespace) -> list[dict]:
+    """Every configuration with `count` sessions, `args.rounds` rounds of each, interleaved; timings pooled."""
+    configs = list(itertools.product(PLAYERS, LEADS))
+    runs: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            pages = []
-            for i in range(count):
-                page = await browser.new_page()
-                await page.goto(f"{url}?prompt=session%20{i}%3A%20a%20red%20fox&steps={args.steps}{args.query}")
-                await page.wait_for_function("() => window.streamgen?.state === 'idle'", timeout=60_000)
-                pages.append(page)
-            options = {"starts": args.starts, "changes": args.changes, "steps": args.steps}
-            runs = await asyncio.gather(
-                *(page.evaluate(DRIVE, options | {"session": i}) for i, page in enumerate(pages))
-            )
+            for _, (player, lead) in itertools.product(range(args.rounds), configs):
+                with pacing(lead):
+                    runs[player, lead] += await run_pages(browser, url, count, PLAYERS[player], args)
         finally:
             await browser.close()
-    starts = [s for run in runs for s in run["starts"]]
-    changes = [c for run in runs for c in run["changes"]]
-    return {
-        "sessions": count,
-        "first_frame_ms": summary([s["display_ms"] for s in starts]),
-        "first_media_ms": summary([s["arrive_ms"] for s in starts]),
-        "change_arrive_ms": summary([c["arrive_ms"] for c in changes]),
-        "change_display_ms": summary([c["display_ms"] for c in changes]),
-        "chunk_ms": summary([c["chunk_ms"] for c in changes]),
-        "raw": runs,
-    }
+    rows = []
+    for (player, lead), pages in runs.items():
+        starts = [s for run in pages for s in run["starts"]]
+        changes = [c for run in pages for c in run["changes"]]
+        rows.append({
+            "sessions": count,
+            "player": player,
+            "lead": lead,
+            "first_frame_ms": summary([s["display_ms"] for s in starts]),
+            "first_media_ms": summary([s["arrive_ms"] for s in starts]),
+            "change_arrive_ms": summary([c["arrive_ms"] for c in changes]),
+            "change_display_ms": summary([c["display_ms"] for c in changes]),
+            "chunk_ms": summary([c["chunk_ms"] for c in changes]),
+            "raw": pages,
+        })  # fmt: skip
+    return rows
+
+
+def cells(row: dict) -> str:
+    keys = ("first_frame_ms", "change_arrive_ms", "change_display_ms", "chunk_ms")
+    return " | ".join(f"{row[key]['median']:.0f} / {row[key]['p95']:.0f}" for key in keys)
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    m, model = report["machine"], report["model"]
     lines = [
-        f"Interaction latency ({report['label']}): `python benchmarks/interaction.py {report['arguments']}`; "
-        f"{report['model']['source']} model at {report['model']['width']}x{report['model']['height']}, "
-        f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch thread(s), load average "
-        f"{m['load_average'][0]} at the start and {m['load_average_end'][0]} at the end.",
+        "# Control-to-screen latency: the live page in headless Chromium",
         "",
-        "| sessions | first frame from Start | change -> chunk arrives | change -> displayed | chunk generation |",
-        "|---:|---:|---:|---:|---:|",
+        f"`python benchmarks/interaction.py {report['arguments']}`: {model['source']} model at "
+        f"{model['width']}x{model['height']}, {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch "
+        f"thread, load average {m['load_average'][0]} at the start and {m['load_average_end'][0]} at the end "
+        "(the CPU is shared with other work: compare rows of one run, which shared its load round by round).",
+        "",
+        "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
+        "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
+        "-> first frame displayed. *Chunk* = its generation as the server timed it. Median / p95 in ms; n = "
+        "changes (starts: n / changes per session).",
+        "",
+        "| sessions | player | pacing lead | first frame | change -> arrives | change -> displayed | chunk | n |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    for row in report["rows"]:
-        cells = [row[key] for key in ("first_frame_ms", "change_arrive_ms", "change_display_ms", "chunk_ms")]
+    rows = [row for rows in report["rows"] for row in rows]
+    for row in rows:
+        n = row["change_display_ms"]["n"]
+        lines.append(f"| {row['sessions']} | {row['player']} | {row['lead']} | {cells(row)} | {n} |")
+    lines += ["", "Before (MSE page, fixed lead) -> after (WebCodecs page, measured lead), median change -> displayed:"]
+    for sessions in sorted({row["sessions"] for row in rows}):
+        by = {(row["player"], row["lead"]): row for row in rows if row["sessions"] == sessions}
+        before, after = by["mse", "fixed"], by["webcodecs", "measured"]
+        was, now = before["change_display_ms"]["median"], after["change_display_ms"]["median"]
+        target = 500 + after["chunk_ms"]["median"]
         lines.append(
-            f"| {row['sessions']} | "
-            + " | ".join(f"{c['median']:.0f} / {c['p95']:.0f} ms (n={c['n']})" for c in cells)
-            + " |"
+            f"- {sessions} session(s): {was:.0f} -> {now:.0f} ms, {was / now:.1f}x less (issue 14's target, half a "
+            f"second plus one chunk's generation, is {target:.0f} ms at this run's chunk time)"
         )
-    lines += ["", "Each cell: median / p95 in ms over n starts or changes; chunk generation as the server timed it."]
+    before = RESULTS / "interaction_before.json"
+    if before.is_file():  # the run on the code before issue 14 (its own script), for reference
+        old = json.loads(before.read_text())
+        load = old["machine"]["load_average"][0], old["machine"]["load_average_end"][0]
+        lines += [
+            "",
+            f"The same measure on the code before issue 14 (commit ad3127b, `interaction_before.json`; load "
+            f"{load[0]} -> {load[1]}), columns as above:",
+            "",
+            "| sessions | first frame | change -> arrives | change -> displayed | chunk | n |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *(f"| {row['sessions']} | {cells(row)} | {row['change_display_ms']['n']} |" for row in old["rows"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -152,25 +224,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model directory (default: the shipped model)")
     p.add_argument("--sessions", default="1,4")
-    p.add_argument("--changes", type=int, default=12, help="control changes per session")
-    p.add_argument("--starts", type=int, default=3, help="Start presses per session (first-frame latency)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every configuration, interleaved")
+    p.add_argument("--changes", type=int, default=4, help="control changes per session and round")
     p.add_argument("--steps", type=int, default=4, help="steps at Start; changes alternate it with half of it")
-    p.add_argument("--query", default="", help="extra page URL parameters, e.g. '&player=mse'")
-    p.add_argument("--label", default="run", help="names the result file: interaction_<label>.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "interaction")
     args = p.parse_args()
     torch.set_num_threads(1)
     pipe, source = bench.load(args.model, None, "cpu")
     counts = bench.parse_ints(args.sessions)
     report = {
-        "label": args.label,
-        "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v not in (None, "")),
+        "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
         "machine": bench.machine(pipe.device),
         "model": bench.describe(pipe, source),
     }
     with serve_in_thread(pipe, max_sessions=max(counts)) as server:
         report["rows"] = [asyncio.run(run_sessions(server.url, count, args)) for count in counts]
     report["machine"]["load_average_end"] = bench.load_average()
-    bench.save_report(RESULTS / f"interaction_{args.label}", report, markdown)
+    bench.save_report(args.out, report, markdown)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .scheduler import MediaChunk
 
 Send = Callable[[str | bytes], Awaitable[None]]
 Messages = tuple[str | bytes, ...]  # sent back to back: a `segment` header and its data never part
+WATCH_ONLY = protocol.encode(protocol.error(ErrorCode.WATCH_ONLY, "a viewer cannot control the stream"))
 
 
 def media_messages(chunk: MediaChunk, start: int = 0) -> Messages:
@@ -72,7 +73,9 @@ class Viewer:
             self.push(protocol.encode(protocol.error(e.code, e.message)))
 
     async def receive(self, message: str | bytes) -> None:
-        self.push(protocol.encode(protocol.error(ErrorCode.WATCH_ONLY, "a viewer cannot control the stream")))
+        if self._queue and self._queue[-1] == (False, (WATCH_ONLY,)):
+            return  # told already: a flood of messages queues one answer
+        self.push(WATCH_ONLY)
 
     async def close(self) -> None:
         if self._broadcast is not None:
@@ -161,6 +164,7 @@ class Broadcast:
         """The owner's session is over: viewers are told `stopped`; the link stops working."""
         for viewer in self.viewers:
             viewer.push(protocol.encode(stopped))
+        self.viewers.clear()
         self.audience.remove(self)
 
     def add(self, viewer: Viewer) -> None:
