@@ -12,7 +12,9 @@ clients over loopback websockets, the way `streamgen serve` is:
   frame (a late one stalls playback, which then goes on from there).
 
 Modes: "one at a time" (`max_batch=1`: the scheduler before batching, least recently served first), "batched"
-(every ready stream in one denoise per turn) and "batched + overlap" (decode and encode on a second thread).
+(every ready stream in one denoise per turn), each with and without overlap (decode and encode on a second
+thread while the next turn denoises). All four servers are up at once and measured in turn, `--repeats` times,
+so that on a shared machine they see the same load.
 
     python benchmarks/serving.py [--chunks 8] [--auto-chunks 16] [--sessions 1,2,4] [--threads 1]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +38,12 @@ from streamgen_client.client import StreamClient
 from streamgen_server.app import serve_in_thread
 
 RESULTS = Path(__file__).parent / "results"
-MODES = {"one at a time": {"max_batch": 1}, "batched": {}, "batched + overlap": {"overlap": True}}
+MODES = {
+    "one at a time": {"max_batch": 1, "overlap": False},  # the scheduler before the runner
+    "one at a time + overlap": {"max_batch": 1, "overlap": True},
+    "batched": {"overlap": False},
+    "batched + overlap": {"overlap": True},  # the server's default
+}
 
 
 async def stream(url: str, index: int, chunks: int, **start) -> list[dict]:
@@ -105,6 +113,27 @@ def punctuality(url: str, count: int, chunks: int, target_fps: float) -> dict:
     }
 
 
+def median(runs: list[dict]) -> dict:
+    """The run with the median total rate, and every run's rate."""
+    middle = sorted(runs, key=lambda r: r["fps_total"])[len(runs) // 2]
+    return middle | {"fps_total_runs": [r["fps_total"] for r in runs]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """All runs' chunks judged together; rates and steps averaged over the runs."""
+    judged = sum(r["chunks_judged"] for r in runs)
+    return {
+        "sessions": runs[0]["sessions"],
+        "on_time": sum(r["on_time"] * r["chunks_judged"] for r in runs) / judged,
+        "chunks_judged": judged,
+        "fps_per_session": [statistics.fmean(rates) for rates in zip(*(r["fps_per_session"] for r in runs))],
+        "steps_mean": statistics.fmean(r["steps_mean"] for r in runs),
+        "steps_min": min(r["steps_min"] for r in runs),
+        "steps_max": max(r["steps_max"] for r in runs),
+        "batch_mean": statistics.fmean(r["batch_mean"] for r in runs),
+    }
+
+
 def preset_state(name: str) -> dict:
     """Bytes one session of a preset holds at its resolution, in bf16 as served on a GPU: computed on the meta
     device (shapes only). `before`: the previous layout, which kept each chunk's pre-RoPE keys/values as well
@@ -143,28 +172,30 @@ def markdown(report: dict) -> str:
         f"{model['width']}x{model['height']}, {model['fps']} fps, {report['steps']} steps for the recorders; "
         f"{m['device']} ({m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch thread(s), load average "
         f"{m['load_average'][0]} to {m['load_average_end'][0]}: a shared machine, so compare within this run). "
-        "One server per mode, Python clients over loopback websockets.",
+        f"One server per mode, all up at once; Python clients over loopback websockets; each cell run "
+        f"{report['repeats']} times, the modes interleaved so that they share the machine's load.",
         "",
         f"## Throughput: `realtime: false` recorders, {report['chunks']} chunks each",
         "",
-        "| sessions | " + " | ".join(f"{mode}: fps total (per session)" for mode in MODES) + " | batched / one at a time "
-        "| overlap / one at a time |",
-        "|---:|" + "---:|" * (len(MODES) + 2),
+        "Frames per second of all sessions (per session) in the median run, and that against one at a time.",
+        "",
+        "| sessions | " + " | ".join(MODES) + " |",
+        "|---:|" + "---:|" * len(MODES),
     ]
     for rows in zip(*(report["throughput"][mode] for mode in MODES)):
-        cells = [f"{r['fps_total']:.1f} ({', '.join(f'{x:.1f}' for x in r['fps_per_session'])})" for r in rows]
         base = rows[0]["fps_total"]
-        lines.append(
-            f"| {rows[0]['sessions']} | " + " | ".join(cells) + f" | {rows[1]['fps_total'] / base:.2f}x"
-            f" | {rows[2]['fps_total'] / base:.2f}x |"
-        )
+        cells = [
+            f"{r['fps_total']:.1f} ({', '.join(f'{x:.1f}' for x in r['fps_per_session'])}), {r['fps_total'] / base:.2f}x"
+            for r in rows
+        ]
+        lines.append(f"| {rows[0]['sessions']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"## Punctuality: `realtime: true` viewers, `steps: \"auto\"` at {report['target_fps']:g} fps, "
         f"{report['auto_chunks']} chunks each",
         "",
         "A chunk is on time if it arrives before the viewer's playback (from the first full chunk on, stalling when "
-        "late) reaches it.",
+        "late) reaches it; all runs' chunks pooled, rates and steps averaged over the runs.",
         "",
         "| mode | sessions | chunks on time | fps per session | steps mean (min-max) | chunks per batch |",
         "|---|---:|---:|---:|---:|---:|",
@@ -197,6 +228,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=8, help="chunks per recorder")
     p.add_argument("--auto-chunks", type=int, default=16, help="chunks per auto viewer")
     p.add_argument("--target-fps", type=float, default=16.0)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each cell, modes interleaved")
     p.add_argument("--device")
     p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
     p.add_argument("--out", type=Path, default=RESULTS / "serving")
@@ -208,15 +240,28 @@ def main() -> None:
     counts = bench.parse_ints(args.sessions)
     machine = bench.machine(pipe.device)
     started = time.perf_counter()
-    report = {"throughput": {}, "punctuality": {}}
-    for mode, options in MODES.items():
-        with serve_in_thread(pipe, max_sessions=max(counts), **options) as server:
+    throughputs = {mode: {n: [] for n in counts} for mode in MODES}
+    punctualities = {mode: {n: [] for n in counts} for mode in MODES}
+    with contextlib.ExitStack() as stack:
+        # One server per mode, all up at once, measured in turn: the modes share whatever load the machine has.
+        servers = {
+            mode: stack.enter_context(serve_in_thread(pipe, max_sessions=max(counts), **options))
+            for mode, options in MODES.items()
+        }
+        for server in servers.values():
             asyncio.run(clients(server.websocket_url, 1, 3, realtime=False))  # warm-up: first calls, allocator
-            report["throughput"][mode] = [throughput(server.websocket_url, n, args.chunks) for n in counts]
-            report["punctuality"][mode] = [
-                punctuality(server.websocket_url, n, args.auto_chunks, args.target_fps) for n in counts
-            ]
-        print(mode, report["throughput"][mode], report["punctuality"][mode], flush=True)
+        for repeat in range(args.repeats):
+            for n in counts:
+                for mode, server in servers.items():
+                    throughputs[mode][n].append(throughput(server.websocket_url, n, args.chunks))
+                    auto = punctuality(server.websocket_url, n, args.auto_chunks, args.target_fps)
+                    punctualities[mode][n].append(auto)
+                    print(f"repeat {repeat}, {n} sessions, {mode}: {throughputs[mode][n][-1]['fps_total']:.1f} fps, "
+                          f"{100 * auto['on_time']:.0f}% on time", flush=True)  # fmt: skip
+    report = {
+        "throughput": {mode: [median(runs[n]) for n in counts] for mode, runs in throughputs.items()},
+        "punctuality": {mode: [pooled(runs[n]) for n in counts] for mode, runs in punctualities.items()},
+    }
     machine["load_average_end"] = bench.load_average()
     report |= {
         "arguments": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
@@ -225,6 +270,7 @@ def main() -> None:
         "steps": pipe.config.steps,
         "chunks": args.chunks,
         "auto_chunks": args.auto_chunks,
+        "repeats": args.repeats,
         "target_fps": args.target_fps,
         "seconds": time.perf_counter() - started,
         "preset_state": preset_state("wan-1.3b"),
