@@ -87,7 +87,6 @@ class Stream:
         self.reserved = 0  # bytes the runner holds for this stream while it is admitted
         self.chunks = 0  # generated chunks
         self.frames = 0  # frames encoded: the timeline's end
-        self._first_chunk = True
 
     def set_budget(self, steps: Steps, target_fps: float | None = None) -> None:
         """A fixed step count, the model's default (None), or "auto" at `target_fps` (default: the stream's fps)."""
@@ -118,7 +117,9 @@ class Stream:
         session.budget.target_fps = target
         return None
 
-    def _encode(self, index: int | None, frames: np.ndarray, timing: ChunkTiming, steps: int | None, batch: int) -> MediaChunk:
+    def _encode(
+        self, index: int | None, frames: np.ndarray, timing: ChunkTiming, steps: int | None, batch: int
+    ) -> MediaChunk:
         start = time.perf_counter()
         segments = self.encoder.encode(frames)
         timing.encode = time.perf_counter() - start
@@ -190,14 +191,13 @@ class Runner:
     def open(self, stream: Stream) -> MediaChunk | None:
         """Start the stream's session and encoder; an uploaded image or clip, reconstructed, is its first media."""
         extend = {"image": stream.image} if stream.image is not None else {"video": stream.video}
-        stream.session = self.pipe.start_session(stream.prompt, seed=stream.seed, keep_input=stream.keep_input, **extend)
-        stream.seed = stream.session.seed
+        session = self.pipe.start_session(stream.prompt, seed=stream.seed, keep_input=stream.keep_input, **extend)
+        stream.session, stream.seed = session, session.seed
         stream.image = stream.video = None
-        config = stream.session.config
-        stream.encoder = FragmentedMp4Encoder(config.width, config.height, fps=config.fps)
-        if stream.session.context_frames is None:
+        stream.encoder = FragmentedMp4Encoder(session.config.width, session.config.height, fps=session.config.fps)
+        if session.context_frames is None:
             return None
-        return stream._encode(None, stream.session.context_frames, ChunkTiming(), None, 1)
+        return stream._encode(None, session.context_frames, ChunkTiming(), None, 1)
 
     def denoise(self, streams: list[Stream]) -> list[Denoised]:
         """The first half of a turn: each open stream's next chunk denoised, batched with the others of its shape

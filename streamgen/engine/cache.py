@@ -177,7 +177,9 @@ class KVCache:
         full, compressed = self.tokens_per_frame
         return self.max_chunk_frames * (self.policy.capacity * compressed + (self.full_limit + 1) * full)
 
-    def capacity_bytes(self, layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dtype, channels: int) -> int:
+    def capacity_bytes(
+        self, layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dtype, channels: int
+    ) -> int:
         """The most bytes this cache holds (`nbytes` never exceeds it), known before anything is cached: the
         slabs and the retained chunks' latents at their largest. Raises for a policy that never evicts."""
         tokens = self.capacity_tokens

@@ -194,7 +194,8 @@ class StreamingEngine:
         """The most bytes `cache` will hold for a stream of `rows` batch rows (2 with guidance): its capacity."""
         cfg = self.config
         layers = len(self.transformer.blocks)
-        return cache.capacity_bytes(layers, rows, cfg.num_attention_heads, cfg.attention_head_dim, self.dtype, cfg.in_channels)
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        return cache.capacity_bytes(layers, rows, heads, head_dim, self.dtype, cfg.in_channels)
 
     @torch.no_grad()
     def commit(self, cache: KVCache, latents: torch.Tensor, text: TextCondition) -> None:
@@ -239,13 +240,16 @@ class StreamingEngine:
         self._forward(layers, pieces, zeros, zeros, text, torch.cat(freqs, dim=2), mask, True)
         cache.store([layer.joined for layer in layers])
 
-    def cached(self, cache: KVCache, text: TextCondition, prefix: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def cached(
+        self, cache: KVCache, text: TextCondition, prefix: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the first `prefix` tokens (default: all) of the cached context, pre-RoPE keys and values;
         empty before the first commit."""
         if cache.storage:
             return cache.context(prefix)
         cfg, batch = self.config, text.model_input.shape[0]
-        empty = torch.zeros(batch, cfg.num_attention_heads, 0, cfg.attention_head_dim, dtype=self.dtype, device=self.device)
+        shape = (batch, cfg.num_attention_heads, 0, cfg.attention_head_dim)
+        empty = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return [(empty, empty)] * len(self.transformer.blocks)
 
     def _layers(self, cache: KVCache, prefix: int, table: torch.Tensor, text: TextCondition) -> list[LayerContext]:
@@ -255,7 +259,8 @@ class StreamingEngine:
         slabs = cache.slabs(context[0][0], len(context))
         if slabs is None:
             return [LayerContext(k, v, table, self.reference_padding) for k, v in context]
-        return [LayerContext(k[:, :, :prefix], v[:, :, :prefix], table, self.reference_padding, (k, v)) for k, v in slabs]
+        padding = self.reference_padding
+        return [LayerContext(k[:, :, :prefix], v[:, :, :prefix], table, padding, (k, v)) for k, v in slabs]
 
     def _forward(
         self,
