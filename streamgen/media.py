@@ -145,6 +145,8 @@ class _Reader:
             if not container.streams.video:
                 raise MediaError("the input has no video or image stream")
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # a codec FFmpeg has no decoder for, or a header cut before it
+                raise MediaError("the input's video is in a format streamgen cannot decode")
             declared = stream.codec_context.width * stream.codec_context.height
             if declared > self.max_pixels:
                 raise MediaError(

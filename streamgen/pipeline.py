@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class StreamingPipeline:
         self.engine = StreamingEngine(transformer, scheduler)
         self.prompts = PromptEncoder(tokenizer, text_encoder, max_sequence_length)
         self.usage = Usage()  # device time over all sessions: what adaptive budgets see of each other
+        self._encoding = threading.Lock()  # the Wan VAE's encoder keeps its causal cache on the module
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -229,17 +231,48 @@ class StreamingPipeline:
         self._check_prompt(prompt, prompt_embeds)  # before any reading: a typo costs nothing
         if image is not None and video is not None:
             raise ValueError("give an image or a video to extend, not both")
-        context = None
-        if image is not None or video is not None:
-            name, source = ("image", image) if image is not None else ("video", video)
-            limit = inputs.integer(max_context_frames, "max_context_frames", 1)
-            context = inputs.read(
-                source, name, height=config.height, width=config.width, fps=config.fps, max_frames=limit,
-                first=image is not None, progress=progress,
-            )  # fmt: skip
         if not isinstance(keep_input, bool):
             raise TypeError(f"keep_input must be True or False, got {keep_input!r:.40}")
+        context = None
+        if image is not None or video is not None:
+            context = self._prepare(image, video, config, max_context_frames, progress)
         return Session(self, config, prompt, prompt_embeds, negative_prompt, seed, context, budget, keep_input)
+
+    def prepare(
+        self,
+        image=None,
+        video=None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        max_context_frames: int = inputs.DEFAULT_CONTEXT_FRAMES,
+        progress: media.Progress | None = None,
+    ) -> "Extension":
+        """Read and VAE-encode an image or clip to extend, for a `start_session(image=...)` or `(video=...)` of
+        the same size: the costly part of opening such a session, done beforehand (a server does it on its upload
+        threads, while other streams generate). Arguments as `start_session`'s."""
+        if (image is None) == (video is None):
+            raise ValueError("give an image or a video to prepare")
+        config = self._config(None, height, width, _MODEL_DEFAULT, None, None)
+        return self._prepare(image, video, config, max_context_frames, progress)
+
+    def _prepare(self, image, video, config: StreamConfig, max_context_frames, progress) -> "Extension":
+        name, source = ("image", image) if image is not None else ("video", video)
+        if isinstance(source, Extension):
+            if source.reconstruction.shape[1:3] != (config.height, config.width):
+                raise ValueError(f"{name} was prepared at {source.reconstruction.shape[1:3]}, not {config.height}x{config.width}")
+            return source
+        clip = inputs.read(
+            source, name, height=config.height, width=config.width, fps=config.fps,
+            max_frames=inputs.integer(max_context_frames, "max_context_frames", 1), first=image is not None,
+            progress=progress,
+        )  # fmt: skip
+        clip = dataclasses.replace(clip, frames=media.trim_to_4k_plus_1(clip.frames))  # the counts the VAE encodes
+        with self._encoding:
+            latents = encode_video(self.vae, clip.frames)
+        decoder = StreamingDecoder(self.vae)
+        reconstruction = to_uint8_frames(decoder.decode(latents).float())  # chunk by chunk would give the same
+        return Extension(clip, latents, reconstruction, decoder)
 
     def _config(self, steps, height, width, window, sink, guidance_scale) -> StreamConfig:
         """The model's stream config with the caller's changes, each checked and named in its error."""
@@ -309,6 +342,18 @@ class StreamingPipeline:
         return latents, _lap(start, self.device)
 
 
+@dataclass
+class Extension:
+    """An image or clip made ready to extend (`StreamingPipeline.prepare`): the frames used, their latents, and
+    the VAE's reconstruction of them with the decoder state that follows it. This VAE work is most of what opening
+    a session that extends something costs."""
+
+    clip: media.Clip  # the frames used (1 + 4k, fitted) and what they came from
+    latents: torch.Tensor  # (1, F, C, h, w), normalised, on the VAE's device
+    reconstruction: np.ndarray  # uint8 (T, H, W, 3): what the stream continues, as the VAE decodes it
+    decoder: StreamingDecoder | None  # decoded past the reconstruction: the stream's decoder from there on
+
+
 class Session:
     """One endless stream: call `next_chunk()` forever; memory stays bounded by the cache window."""
 
@@ -320,7 +365,7 @@ class Session:
         prompt_embeds: torch.Tensor | None,
         negative_prompt: str,
         seed: int | None,
-        context: media.Clip | None,
+        context: "Extension | None",
         budget: StepController | None = None,
         keep_input: bool = False,
     ) -> None:
@@ -476,22 +521,23 @@ class Session:
             raise ValueError("with guidance, prompt_embeds must have the text encoder's sequence length")
         return TextCondition(embeds, negative, self.config.guidance_scale)
 
-    def _extend(self, clip: media.Clip, keep_input: bool) -> None:
-        """Encode an image or clip and make it the clean past the stream continues from (I2V / V2V). Its last
-        1 + 4k frames are used (the counts the VAE encodes whole)."""
-        frames = media.trim_to_4k_plus_1(clip.frames)
-        self.context = dataclasses.replace(clip, frames=frames)
+    def _extend(self, extension: "Extension", keep_input: bool) -> None:
+        """Make a prepared image or clip the clean past the stream continues from (I2V / V2V): its latents are
+        cached chunk by chunk, and the decoder that reconstructed it decodes the stream from there."""
+        if extension.decoder is None:
+            raise ValueError("a prepared image or clip extends one session only")
         pipe = self.pipe
-        latents = encode_video(pipe.vae, frames).to(pipe.device, pipe.engine.dtype)
-        reconstruction, start = [], 0
+        self.decoder.close()
+        self.decoder, extension.decoder = extension.decoder, None
+        self.context = extension.clip
+        latents = extension.latents.to(pipe.device, pipe.engine.dtype)
+        start = 0
         while start < latents.shape[1]:
             size = self.config.chunk_size(self.chunk_index)
-            chunk = latents[:, start : start + size]
-            pipe.engine.commit(self.cache, chunk, self.text)
-            reconstruction.append(to_uint8_frames(self.decoder.decode(chunk.to(pipe.vae.dtype)).float()))
+            pipe.engine.commit(self.cache, latents[:, start : start + size], self.text)
             self.chunk_index += 1
             start += size
-        self.context_frames = frames if keep_input else np.concatenate(reconstruction)
+        self.context_frames = extension.clip.frames if keep_input else extension.reconstruction
 
     def _check_open(self) -> None:
         if self.closed:

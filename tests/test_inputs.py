@@ -207,3 +207,16 @@ def test_cli_warns_of_damage_and_names_empty_files(model: Path, tmp_path: Path, 
     assert capsys.readouterr().err.strip().endswith("error: the file is empty")
     assert generate(model, tmp_path / "c.mp4", "--width", "112") == 2
     assert "width must be a multiple of 32" in capsys.readouterr().err
+
+
+def test_a_prepared_clip_opens_the_same_session(pipe: StreamingPipeline) -> None:
+    """`prepare` does the VAE work beforehand (a server, on its upload threads); the stream is the same."""
+    clip = np.stack([clips.indexed_frame(i) for i in range(20)])
+    extension = pipe.prepare(video=clip)
+    with pipe.start_session("x", video=extension, seed=3) as prepared, pipe.start_session("x", video=clip, seed=3) as direct:
+        np.testing.assert_array_equal(prepared.context_frames, direct.context_frames)
+        np.testing.assert_array_equal(prepared.next_chunk(), direct.next_chunk())
+    with pytest.raises(ValueError, match="extends one session only"):
+        pipe.start_session("x", video=extension)
+    with pytest.raises(ValueError, match="was prepared at"):
+        pipe.start_session("x", video=pipe.prepare(image=clip[0]), height=32)

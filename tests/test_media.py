@@ -122,7 +122,14 @@ def test_paths_are_files_not_ffmpeg_urls(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"not a video" * 50, b"\x89PNG\r\n\x1a\n" + bytes(64), b"\x00\x00\x00\x18ftypmp42" + bytes(100)]
+    "data",
+    [
+        b"",
+        b"not a video" * 50,
+        b"\x89PNG\r\n\x1a\n" + bytes(64),
+        b"\x00\x00\x00\x18ftypmp42" + bytes(100),
+        clips.clip(48, gop=8)[:349],  # cut inside its index: a stream with no codec parameters
+    ],
 )
 def test_unreadable_input_raises_media_error(data: bytes) -> None:
     with pytest.raises(MediaError):

@@ -9,17 +9,19 @@ can name another connection's), and writes that stream's events and media back i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 from streamgen import media
 from streamgen.config import MAX_STEPS
-from streamgen.pipeline import STAGES
+from streamgen.pipeline import STAGES, Extension
 
 from . import protocol
 from .audience import Audience, Broadcast, media_messages
@@ -42,9 +44,18 @@ from .scheduler import MediaChunk, Scheduler, ServedStream
 Send = Callable[[str | bytes], Awaitable[None]]
 log = logging.getLogger(__name__)
 # Uploads are decoded on these threads, never on the generation worker, and at most this many at once: each may
-# hold a decoder's frames of up to `max_pixels`, and generation keeps its cores.
+# hold a decoder's frames of up to `max_pixels`. They run at a lower CPU priority, so that on a busy machine a
+# large upload waits for the streams being generated rather than stalling them.
 UPLOAD_DECODES = 2
-_upload_decoders = ThreadPoolExecutor(max_workers=UPLOAD_DECODES, thread_name_prefix="streamgen-upload")
+UPLOAD_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(AttributeError, OSError):  # Linux gives each thread its own niceness
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+
+
+_upload_decoders = ThreadPoolExecutor(UPLOAD_DECODES, "streamgen-upload", initializer=_lower_priority)
 
 
 class TokenBucket:
@@ -213,19 +224,25 @@ class Connection:
             raise ProtocolError(
                 ErrorCode.BAD_UPLOAD, f"announced {start.upload_bytes} bytes, received {len(data)}; start again"
             )
-        config = self.scheduler.pipe.config
-        read = partial(
-            media.read_clip, data, height=config.height, width=config.width, fps=config.fps,
-            max_frames=self.limits.max_context_frames, first=start.mode == "i2v", max_pixels=self.limits.max_pixels,
-        )  # fmt: skip
         try:
-            clip = await asyncio.get_running_loop().run_in_executor(_upload_decoders, read)
+            context = await asyncio.get_running_loop().run_in_executor(_upload_decoders, self._prepare, start, data)
         except media.MediaError as e:  # worded by streamgen, never quoting FFmpeg (whose texts name local paths)
             raise ProtocolError(ErrorCode.BAD_MEDIA, str(e)) from None
         except Exception as e:  # noqa: BLE001 - whatever else a decoder raises, the connection stays usable
             log.warning("upload unreadable: %s", type(e).__name__)
             raise ProtocolError(ErrorCode.BAD_MEDIA, "the upload could not be read as an image or video") from None
-        await self._begin(start, clip)
+        await self._begin(start, context)
+
+    def _prepare(self, start: Start, data: bytes) -> Extension:
+        """On an upload thread: decode the upload's frames that are used, then VAE-encode and reconstruct them, so
+        the session's open on the generation worker only caches them."""
+        pipe = self.scheduler.pipe
+        config = pipe.config
+        clip = media.read_clip(
+            data, height=config.height, width=config.width, fps=config.fps, max_frames=self.limits.max_context_frames,
+            first=start.mode == "i2v", max_pixels=self.limits.max_pixels,
+        )  # fmt: skip
+        return pipe.prepare(**{"image" if start.mode == "i2v" else "video": clip}, max_context_frames=len(clip.frames))
 
     async def _begin(self, start: Start, context) -> None:
         if self._sender is not None:  # the previous stream's last messages go out before the new stream's
