@@ -84,6 +84,8 @@ def test_a_transition_blends_the_text_condition_over_its_chunks(pipe: StreamingP
 
 
 def test_the_page_blends_a_new_prompt_over_two_chunks(pipe, page) -> None:  # noqa: F811
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
     with serve_in_thread(pipe) as server:
         page.goto(server.url + "?prompt=a%20red%20ball&steps=1&autoplay=1")
         page.wait_for_function("() => window.streamgen.chunks >= 2", timeout=WAIT_MS)
@@ -106,3 +108,4 @@ def test_the_page_blends_a_new_prompt_over_two_chunks(pipe, page) -> None:  # no
         ]
         assert [c["chunk"] for c in chunks] == list(range(chunks[0]["chunk"], chunks[0]["chunk"] + 3))
         page.click("#stop")
+    assert not errors

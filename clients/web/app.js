@@ -12,7 +12,8 @@ const params = new URLSearchParams(location.search);
 const ui = {
   status: $("status"), video: $("video"), canvas: $("canvas"), overlay: $("overlay"), info: $("info"),
   prompt: $("prompt"), steps: $("steps"), stepsValue: $("steps-value"), file: $("file"),
-  start: $("start"), pause: $("pause"), stop: $("stop"), transition: $("transition"), transitionValue: $("transition-value"),
+  start: $("start"), pause: $("pause"), stop: $("stop"),
+  transition: $("transition"), transitionValue: $("transition-value"),
   share: $("share"), watchLink: $("watch-link"), viewers: $("viewers"),
   fps: $("stat-fps"), gen: $("stat-gen"), played: $("stat-played"), ahead: $("stat-ahead"),
   latencyTotal: $("latency-total"), latencyBar: $("latency-bar"), legend: $("latency-legend"), message: $("message"),
@@ -199,7 +200,9 @@ async function openMedia({ codec, fps }) {
 // -- readouts -------------------------------------------------------------------------------------------------
 function showChunk(msg) {
   const latency = msg.latency_ms;
-  ui.latencyTotal.textContent = `${latency.total.toFixed(0)} ms · ${msg.steps} step${msg.steps > 1 ? "s" : ""}`;
+  const steps = `${msg.steps} step${msg.steps > 1 ? "s" : ""}`;
+  const blend = msg.transition ? ` · ${Math.round(100 * msg.transition.weight)}% new prompt` : "";
+  ui.latencyTotal.textContent = `${latency.total.toFixed(0)} ms · ${steps}${blend}`;
   ui.latencyBar.replaceChildren(...Object.entries(STAGES).map(([stage, color]) => {
     const part = document.createElement("span");
     part.style.cssText = `width:${(100 * latency[stage]) / latency.total}%;background:${color}`;
