@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,10 @@ from PIL import Image
 from test_browser import WAIT_MS, chromium, page  # noqa: F401 - fixtures
 
 from streamgen import StreamingPipeline
+from streamgen.pipeline import ChunkTiming
 from streamgen_server.app import serve_in_thread
+from streamgen_server.protocol import Start
+from streamgen_server.scheduler import LEAD_WINDOW, PACE_LEAD_SECONDS, MediaChunk, ServedStream
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -109,3 +113,30 @@ def test_the_page_blends_a_new_prompt_over_two_chunks(pipe, page) -> None:  # no
         assert [c["chunk"] for c in chunks] == list(range(chunks[0]["chunk"], chunks[0]["chunk"] + 3))
         page.click("#stop")
     assert not errors
+
+
+def test_the_pacing_lead_follows_measured_production_times() -> None:
+    """A paced stream's lead is the longest of its latest chunks' production times (due -> encoded) plus a frame,
+    at most PACE_LEAD_SECONDS; a pause does not count as production."""
+    stream = ServedStream(Start("paced"), None, buffer=2, wake=lambda: None)
+    stream.session = SimpleNamespace(fps=16)  # what pacing reads of the session
+
+    def produce(index: int, seconds: float) -> float:
+        """The chunk's production starts when it is due (or when the stream is free; the clock starts at 0) and
+        takes `seconds`."""
+        at = max(stream._due, stream._free, 0.0) + seconds
+        stream.put(MediaChunk(index, 0, 12, [], 1, "paced", ChunkTiming()), at)
+        return at
+
+    now = produce(0, 0.05)  # the first chunk, 1 frame, has no due time: not measured
+    assert stream.lead == PACE_LEAD_SECONDS
+    for index, seconds in enumerate([0.2, 0.3, 0.25], 1):
+        now = produce(index, seconds)
+    assert stream.lead == pytest.approx(0.3 + 1 / 16)
+    stream.pause(True, now)
+    stream.pause(False, now + 5.0)  # five seconds paused: production is counted from the resume
+    produce(4, 0.2)
+    assert stream.lead == pytest.approx(0.3 + 1 / 16)
+    for index in range(5, 5 + LEAD_WINDOW):
+        produce(index, 3.0)  # a loaded machine: the lead grows, up to its cap
+    assert stream.lead == PACE_LEAD_SECONDS

@@ -102,9 +102,9 @@ class ServedStream(Stream):
         # Pace to playback, but never bank time: after a pause or a slow chunk, the lead starts over.
         self._due = max(self._due, now - self.lead) + chunk.frames / self.session.fps
 
-    def pause(self, paused: bool) -> None:
+    def pause(self, paused: bool, now: float) -> None:
         self.paused = paused
-        self._free = time.monotonic()
+        self._free = now
 
     def delay(self, now: float) -> float:
         """Seconds until this stream can use a turn; `inf` until something changes (resume, buffer room)."""
@@ -223,7 +223,7 @@ class Scheduler:
         self._settle(stream)
 
     def pause(self, stream: ServedStream, paused: bool) -> None:
-        stream.pause(paused)
+        stream.pause(paused, time.monotonic())
         self._wake.set()
 
     def _room(self) -> bool:
