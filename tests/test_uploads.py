@@ -175,7 +175,7 @@ def test_client_shows_what_was_used(server: Background, tmp_path: Path, capsys) 
     out = str(tmp_path / "out.mp4")
     assert cli.main(["--url", server.websocket_url, "--prompt", "x", "--video", str(video), "--chunks", "1", "-o", out]) == 0
     captured = capsys.readouterr()
-    assert "extending the last 2.06 s of 5.00 s, shown as its reconstruction" in captured.out
+    assert "extending the last 2.06 s of 5.00 s, shown as the model's reconstruction" in captured.out
     assert "warning: the upload is damaged" in captured.err
     with pytest.raises(StreamError, match="bad_message"):
         run(_start_with(server, {"context": "both"}))

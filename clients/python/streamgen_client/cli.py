@@ -28,7 +28,8 @@ def _show(message: dict[str, Any]) -> None:
         )
         if "context_seconds" in message:
             of = f" of {message['upload_seconds']:.2f} s" if message.get("upload_seconds") is not None else ""
-            print(f"extending the last {message['context_seconds']:.2f} s{of}, shown as its {message['context']}")
+            shown = "as uploaded (resized)" if message["context"] == "original" else "as the model's reconstruction"
+            print(f"extending the last {message['context_seconds']:.2f} s{of}, shown {shown}")
         if "warning" in message:
             print(f"warning: {message['warning']}", file=sys.stderr)
 
