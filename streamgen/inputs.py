@@ -91,7 +91,8 @@ def read(
     `media.Clip` (read already, e.g. by a server from an upload) keeps its timing."""
     if isinstance(value, media.Clip):
         if value.frames.shape[1:3] != (height, width) or value.fps != fps:
-            raise ValueError(f"{name}: a clip read for {value.frames.shape[1:3]} at {value.fps:g} fps, not this stream's")
+            read_for = f"{value.frames.shape[1:3]} at {value.fps:g} fps"
+            raise ValueError(f"{name}: a clip read for {read_for}, not for this stream")
         return dataclasses.replace(value, frames=value.frames[:1] if first else value.frames[-max_frames:])
     if isinstance(value, FILE_TYPES) or hasattr(value, "read"):
         return media.read_clip(

@@ -104,7 +104,8 @@ def read_clip(
         at = file.tell() if file.seekable() else None
         if at is not None:
             if not file.read(1):
-                raise MediaError("the file is empty" if at == 0 else "no bytes left to read (a file object left at its end?)")
+                at_end = "no bytes left to read (a file object left at its end?)"
+                raise MediaError("the file is empty" if at == 0 else at_end)
             file.seek(at)
         reader = _Reader(file, height, width, fps, 1 if first else max_frames, first, max_pixels, progress)
         try:
@@ -113,7 +114,8 @@ def read_clip(
                 file.seek(at)
                 clip = reader.read(seek=False)
         except av.FFmpegError as e:
-            raise MediaError(f"cannot decode the input: it is damaged, or not one of the formats read ({FORMATS_READ})") from e
+            unreadable = f"cannot decode the input: it is damaged, or not one of the formats read ({FORMATS_READ})"
+            raise MediaError(unreadable) from e
         except OSError as e:  # PyAV's reads and seeks on the file object
             raise MediaError(f"the input could not be read: {e.strerror or type(e).__name__}") from e
     return clip

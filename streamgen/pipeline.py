@@ -260,7 +260,8 @@ class StreamingPipeline:
         name, source = ("image", image) if image is not None else ("video", video)
         if isinstance(source, Extension):
             if source.reconstruction.shape[1:3] != (config.height, config.width):
-                raise ValueError(f"{name} was prepared at {source.reconstruction.shape[1:3]}, not {config.height}x{config.width}")
+                size = source.reconstruction.shape[1:3]
+                raise ValueError(f"{name} was prepared at {size}, not {config.height}x{config.width}")
             return source
         clip = inputs.read(
             source, name, height=config.height, width=config.width, fps=config.fps,

@@ -51,7 +51,8 @@ def clip(
     scale = 1000  # time base 1/(fps*1000): exact for constant rates, millisecond-fine for `times`
     # A named file, so MP4's index can be moved to the front (as cameras and phones write it): a cut file still reads.
     path = Path(tempfile.mkdtemp()) / f"clip.{container}"
-    with av.open(str(path), "w", format=container, options={"movflags": "+faststart"} if container == "mp4" else {}) as c:
+    options = {"movflags": "+faststart"} if container == "mp4" else {}
+    with av.open(str(path), "w", format=container, options=options) as c:
         if title is not None:
             c.metadata["title"] = title
         stream = c.add_stream("libx264", rate=fps, options={"crf": "12", **({"g": str(gop)} if gop else {})})

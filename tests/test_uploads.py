@@ -148,7 +148,9 @@ def test_damaged_and_truncated_uploads_are_used_with_a_warning(server: Backgroun
     assert "damaged packet" in damaged["warning"] and "truncated" in truncated["warning"]
 
 
-def test_empty_and_oversized_files(pipe: StreamingPipeline, server: Background, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_empty_and_oversized_files(
+    pipe: StreamingPipeline, server: Background, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def empty() -> dict[str, Any]:
         async with await StreamClient.connect(server.websocket_url) as client:
             await client.send("start", prompt="go", mode="v2v", upload_bytes=0)
@@ -161,7 +163,8 @@ def test_empty_and_oversized_files(pipe: StreamingPipeline, server: Background, 
     big = tmp_path / "big.mp4"
     big.write_bytes(clips.clip(48, 16))
     out = str(tmp_path / "out.mp4")
-    assert cli.main(["--url", server.websocket_url, "--prompt", "x", "--video", str(tmp_path / "empty.mp4"), "-o", out]) == 1
+    args = ["--url", server.websocket_url, "--prompt", "x", "-o", out]
+    assert cli.main([*args, "--video", str(tmp_path / "empty.mp4")]) == 1
     assert capsys.readouterr().err == "streamgen-client: error: the file is empty\n"
     with serve_in_thread(pipe, limits=Limits(max_upload_bytes=1000)) as small:
         assert cli.main(["--url", small.websocket_url, "--prompt", "x", "--video", str(big), "-o", out]) == 1
@@ -169,11 +172,12 @@ def test_empty_and_oversized_files(pipe: StreamingPipeline, server: Background, 
         assert err.count("\n") == 1 and "this server takes uploads of at most 1000 bytes" in err
 
 
-def test_client_shows_what_was_used(server: Background, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_client_shows_what_was_used(server: Background, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     video = tmp_path / "in.mp4"
     video.write_bytes(clips.damaged(clips.clip(80, 16, gop=8)))
     out = str(tmp_path / "out.mp4")
-    assert cli.main(["--url", server.websocket_url, "--prompt", "x", "--video", str(video), "--chunks", "1", "-o", out]) == 0
+    args = ["--url", server.websocket_url, "--prompt", "x", "--chunks", "1", "-o", out]
+    assert cli.main([*args, "--video", str(video)]) == 0
     captured = capsys.readouterr()
     assert "extending the last 2.06 s of 5.00 s, shown as the model's reconstruction" in captured.out
     assert "warning: the upload is damaged" in captured.err

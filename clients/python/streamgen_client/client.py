@@ -75,9 +75,8 @@ class StreamClient:
                 raise ValueError("the file is empty")
             if limit is not None and len(upload) > limit:
                 raise ValueError(f"the file is {len(upload)} bytes; this server takes uploads of at most {limit} bytes")
-        optional = {
-            "seed": seed, "steps": steps, "context": context, "upload_bytes": len(upload) if upload is not None else None
-        }  # fmt: skip
+        size = len(upload) if upload is not None else None
+        optional = {"seed": seed, "steps": steps, "context": context, "upload_bytes": size}
         fields = {name: value for name, value in optional.items() if value is not None}
         await self.send("start", mode=mode, prompt=prompt, realtime=realtime, **fields)
         if upload is not None:
