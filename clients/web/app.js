@@ -151,6 +151,7 @@ async function start() {
   const file = ui.file.files[0];
   let upload = null;
   if (file) {
+    if (file.size === 0) return showMessage("That file is empty.");
     if (file.size > player.ready.limits.max_upload_bytes) return showMessage("That file is too large to upload.");
     message.mode = file.type.startsWith("image/") ? "i2v" : "v2v";
     upload = await file.arrayBuffer();
