@@ -251,6 +251,9 @@ async def warm_up(url: str) -> None:
 
 
 def render(report: dict) -> str:
+    control = next(r["viewer_gap_chunks"] for r in report["cases"] if r["parallel"] == 0)
+    rows = report["cases"]
+    stalls = [f"{r['case']} ({r['viewer_gap_chunks']:.2f})" for r in rows if r["viewer_gap_chunks"] > control + 1]
     lines = [
         "# Upload robustness against a live server (`benchmarks/robustness.py`)",
         "",
@@ -269,6 +272,9 @@ def render(report: dict) -> str:
             f"| {'yes' if r['ok'] else 'NO'} |"
             for r in report["cases"]
         ),
+        "",
+        f"The no-upload control's own gap was {control:.2f} chunk durations; cases whose gap exceeds it by more than "
+        f"one chunk (a stall the upload itself may have caused): {', '.join(stalls) or 'none'}.",
         "",
         "Answers in detail (what the uploader is told):",
         "",
