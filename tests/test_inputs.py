@@ -222,3 +222,15 @@ def test_a_prepared_clip_opens_the_same_session(pipe: StreamingPipeline) -> None
         pipe.start_session("x", video=extension)
     with pytest.raises(ValueError, match="was prepared at"):
         pipe.start_session("x", video=pipe.prepare(image=clip[0]), height=32)
+
+
+def test_cli_keeps_a_variable_rate_clip_at_its_timing(model: Path, tmp_path: Path) -> None:
+    times = np.cumsum([0.0] + [0.02, 0.1] * 15)[:30]  # frames alternately 20 and 100 ms apart
+    video = tmp_path / "vfr.mp4"
+    video.write_bytes(clips.clip(30, 30, times=times))
+    out = tmp_path / "out.mp4"
+    assert generate(model, out, "--video", str(video), "--keep-input") == 0
+    slots = range(round(times[-1] * 16) + 1)
+    expected = [max(i for i, t in enumerate(times) if round(t * 16) <= slot) for slot in slots]
+    expected = expected[(len(expected) - 1) % 4 :]  # the last 1 + 4k
+    assert shown(read_clip(out, height=64, width=64).frames[: len(expected)]) == expected

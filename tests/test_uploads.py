@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import clips
@@ -130,6 +131,24 @@ def test_a_clip_is_resampled_and_its_end_kept(server: Background, tmp_path: Path
     frames = read_clip(recording.path, height=64, width=64).frames
     indices = [clips.frame_index(frame) for frame in frames[:33]]
     assert indices[-1] == 239 and abs(indices[0] - (239 - 32 * 60 / 16)) <= 2  # 2 s back, at real speed
+
+
+def test_a_variable_rate_clip_keeps_its_timing(server: Background, tmp_path: Path) -> None:
+    """Frames 20 ms then 100 ms apart: each 1/16 s of the stream shows the frame that was on screen then."""
+    times = np.cumsum([0.0] + [0.02, 0.1] * 20)[:40]
+
+    async def session():
+        async with await StreamClient.connect(server.websocket_url) as client:
+            data = clips.clip(40, 30, times=times)
+            return await record(client, tmp_path / "vfr.mp4", prompt="go", chunks=1, mode="v2v", upload=data,
+                                context="original")  # fmt: skip
+
+    recording = run(session())
+    kept = next(event for event in recording.events if event["type"] == "started")["context_frames"]
+    slots = range(round(times[-1] * 16) + 1)
+    expected = [max(i for i, t in enumerate(times) if round(t * 16) <= slot) for slot in slots][-kept:]
+    frames = read_clip(recording.path, height=64, width=64).frames[:kept]
+    assert [clips.frame_index(frame) for frame in frames] == expected
 
 
 def test_damaged_and_truncated_uploads_are_used_with_a_warning(server: Background) -> None:
