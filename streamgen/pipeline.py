@@ -324,23 +324,27 @@ class StreamingPipeline:
         then cached and decoded per session. Each gets what its own `next_chunk()` would have given it."""
         first = [session.chunk_index == 0 for session in sessions]
         plans = [session._begin(None, None, output_type) for session in sessions]
-        latents, seconds = self.denoise(sessions, plans)
+        latents, seconds, shares = self.denoise(sessions, plans)
         outputs = []
-        for session, z, (steps, _), initial in zip(sessions, latents, plans, first):
+        for session, z, (steps, _), initial, share in zip(sessions, latents, plans, first, shares):
             timing = session._commit(z, seconds)
             outputs.append(session._decode(z, steps, timing, output_type))
-            session._account(timing, steps, seconds / len(sessions), initial)
+            session._account(timing, steps, share, initial)
         return outputs
 
-    def denoise(self, sessions: list["Session"], plans: list[tuple[int, torch.Tensor]]) -> tuple[list, float]:
+    def denoise(
+        self, sessions: list["Session"], plans: list[tuple[int, torch.Tensor]]
+    ) -> tuple[list, float, list[float]]:
         """One batched denoise of each session's next chunk from its `(steps, noise)` plan (`Session._begin`):
-        the chunks' latents, and the seconds the call took (every session waited all of them)."""
+        the chunks' latents, the seconds the call took (every session waited all of them), and each session's
+        share of them (`batch_shares`)."""
         if len(set(map(id, sessions))) != len(sessions):
             raise ValueError("a session can contribute one chunk to a batch")
         start = time.perf_counter()
         requests = [DenoiseRequest(s.cache, noise, s.text, steps) for s, (steps, noise) in zip(sessions, plans)]
         latents = denoise_batch(self.engine, requests)
-        return latents, _lap(start, self.device)
+        seconds = _lap(start, self.device)
+        return latents, seconds, batch_shares(seconds, [steps for steps, _ in plans])
 
 
 @dataclass
@@ -543,6 +547,14 @@ class Session:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this session is closed")
+
+
+def batch_shares(seconds: float, steps: list[int]) -> list[float]:
+    """Each chunk's part of a batched denoise that took `seconds`: every step's forward (taken as equally long) is
+    split among the chunks it computed, so a chunk with a small budget is not charged for another's larger one.
+    What an adaptive budget learns its cost per step from; the parts add up to `seconds`."""
+    forward = seconds / max(steps)
+    return [forward * sum(1 / sum(s > k for s in steps) for k in range(n)) for n in steps]
 
 
 def _lap(start: float, device: torch.device) -> float:

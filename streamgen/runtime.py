@@ -217,11 +217,10 @@ class Runner:
         denoised = []
         for group in plans.values():
             sessions = [stream.session for stream, *_ in group]
-            latents, seconds = self.pipe.denoise(sessions, [plan for _, _, plan, _ in group])
+            latents, seconds, shares = self.pipe.denoise(sessions, [plan for _, _, plan, _ in group])
             self.batch_sizes[len(group)] += 1
-            for (stream, first, (steps, _), transition), z in zip(group, latents):
+            for (stream, first, (steps, _), transition), z, share in zip(group, latents, shares):
                 timing = stream.session._commit(z, seconds)
-                share = seconds / len(group)
                 prompt = stream.session.prompt
                 denoised.append(Denoised(stream, z, steps, timing, share, len(group), first, prompt, transition))
         return denoised

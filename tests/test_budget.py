@@ -8,6 +8,7 @@ import random
 import pytest
 
 from streamgen.budget import ChunkReport, StepController, Usage
+from streamgen.pipeline import batch_shares
 
 FPS = 16
 FRAMES = 12  # a 3-latent-frame chunk: deadline 0.75 s
@@ -94,3 +95,9 @@ def test_bad_settings_raise():
         StepController(FPS, max_steps=0)
     with pytest.raises(ValueError, match="headroom"):
         StepController(FPS, headroom=1.5)
+
+
+def test_batch_shares_charge_each_chunk_for_the_forwards_it_took_part_in():
+    assert batch_shares(1.0, [2, 2, 2, 2]) == [0.25] * 4
+    small, large = batch_shares(0.5, [4, 26])  # 26 forwards of 19.2 ms: 4 of them shared by both chunks
+    assert small == pytest.approx(4 * 0.5 / 26 / 2) and small + large == pytest.approx(0.5)
