@@ -10,6 +10,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +104,37 @@ async def started(url: str, prompt: str) -> tuple[StreamClient, str]:
     client = await StreamClient.connect(url)
     await client.start(prompt, realtime=True)
     return client, (await next_of(client, "started"))["replica"]
+
+
+def test_streamgen_serve_ray_command_drains_on_sigterm(model_dir: Path) -> None:
+    """`streamgen serve --ray` as a user runs it (its own local Ray instance): prints its URL, serves a session
+    through the proxy, and on SIGTERM tells it `stopped` (reason shutdown) before Ray goes. Runs before the
+    module's deployment exists, so that one Ray instance runs at a time."""
+    port = free_port()
+    command = [sys.executable, "-m", "streamgen.cli", "serve", "--ray", "--model", str(model_dir), "--device", "cpu",
+               "--height", "64", "--width", "64", "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in process.stdout:  # bounded by the test's timeout
+            if "streamgen serving" in line:
+                break
+        assert f"ws://127.0.0.1:{port}/ws" in line
+
+        async def session() -> None:
+            client, replica = await started(f"ws://127.0.0.1:{port}/ws", "until the server goes")
+            await next_of(client, "chunk")
+            process.send_signal(signal.SIGTERM)
+            assert (await next_of(client, "stopped"))["reason"] == "shutdown"
+            await client.websocket.wait_closed()
+            assert client.websocket.close_code == 1001
+
+        run(session())
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_sessions_are_spread_over_both_replicas_and_stream_whole(deployment, tmp_path: Path) -> None:

@@ -148,7 +148,8 @@ class App:
         }
 
     def _health(self) -> dict:
-        return {"status": "ok", "active": self.scheduler.active, "queued": self.scheduler.queued}
+        health = {"status": "ok", "active": self.scheduler.active, "queued": self.scheduler.queued}
+        return health | ({"replica": self.replica} if self.replica is not None else {})
 
     def connect(
         self, send: Callable[[str | bytes], Awaitable[None]], client: str, watch: tuple[str, str] | None = None

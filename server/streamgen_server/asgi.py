@@ -119,8 +119,10 @@ async def _deny(scope: Scope, send: Send, reply: Reply) -> None:
 
 
 def _target(scope: Scope) -> str:
+    """The request's path and query, relative to where the app is mounted (Ray's route prefix: `root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
     query = scope.get("query_string", b"").decode("latin-1")
-    return scope["path"] + (f"?{query}" if query else "")
+    return (path.removeprefix(root) or "/") + (f"?{query}" if query else "")
 
 
 def _headers(scope: Scope) -> list[tuple[str, str]]:

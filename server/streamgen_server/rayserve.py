@@ -22,9 +22,9 @@ import threading
 import ray
 import torch
 from ray import serve
-from ray.serve.context import _get_global_client
+from ray.serve.context import ReplicaContext, _get_global_client
 
-from .app import build
+from .app import App, build
 from .asgi import AsgiApp
 from .routes import WEBSOCKET_PATH
 
@@ -46,7 +46,7 @@ class ReplicaAsgi(AsgiApp):
     So the replica watches its own state in the controller's view of the application (what `serve status` and the
     Serve REST API show) and shuts its server down as soon as that state turns STOPPING."""
 
-    def __init__(self, app, replica: str) -> None:
+    def __init__(self, app: App, replica: ReplicaContext) -> None:
         super().__init__(app)
         self.replica = replica
         self._watcher: asyncio.Task[None] | None = None
@@ -56,20 +56,24 @@ class ReplicaAsgi(AsgiApp):
         self._watcher = asyncio.create_task(self._drain_when_stopping())
 
     async def _drain_when_stopping(self) -> None:
-        while not await asyncio.to_thread(_stopping, self.replica):
+        while True:
+            try:
+                if await asyncio.to_thread(_stopping, self.replica):
+                    break
+            except Exception as e:  # noqa: BLE001 - the controller restarting: ask again
+                log.warning("replica %s: cannot read its state: %s", self.app.replica, e)
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-        log.info("replica %s is stopping: draining %d connections", self.replica, len(self.app.connections))
+        log.info("replica %s is stopping: draining %d connections", self.app.replica, len(self.app.connections))
         await self.shutdown()
 
 
-def _stopping(replica: str) -> bool:
-    details = _get_global_client().get_serve_details()
-    for application in details.get("applications", {}).values():
-        for deployment in application["deployments"].values():
-            for state in deployment["replicas"]:
-                if state["replica_id"] == replica:
-                    return state["state"] == "STOPPING"
-    return False
+def _stopping(replica: ReplicaContext) -> bool:
+    """Whether the controller is stopping this replica: its state is STOPPING, or it (or its whole application,
+    being deleted) is no longer listed."""
+    application = _get_global_client().get_serve_details().get("applications", {}).get(replica.app_name)
+    deployment = (application or {}).get("deployments", {}).get(replica.deployment, {})
+    states = {state["replica_id"]: state["state"] for state in deployment.get("replicas", [])}
+    return states.get(replica.replica_tag, "STOPPING") == "STOPPING"
 
 
 @serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS)
@@ -79,8 +83,8 @@ class Replica:
 
     def __init__(self, args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, int(args.replica_cpus)))
-        self.id = serve.get_replica_context().replica_tag
-        self.asgi = ReplicaAsgi(build(args, replica=self.id), self.id)
+        context = serve.get_replica_context()
+        self.asgi = ReplicaAsgi(build(args, replica=context.replica_tag), context)
 
     def __serve_build_asgi_app__(self) -> ReplicaAsgi:
         return self.asgi
@@ -125,20 +129,21 @@ def start(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     """`streamgen serve --ray`: serve until SIGINT or SIGTERM, then drain every replica and leave Ray."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         start(args)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after `ray.init`, which sets its own (exit at once)
+            signal.signal(sig, lambda *_: stop.set())
         query = f"?token={args.token}" if args.token else ""
         replicas = args.replicas if args.min_replicas is None else f"{args.min_replicas}-{args.max_replicas}"
         print(
-            f"streamgen serving on Ray Serve ({replicas} replicas) on http://{args.host}:{args.port}/{query} "
+            f"streamgen serving on Ray Serve (replicas: {replicas}) on http://{args.host}:{args.port}/{query} "
             f"(websocket ws://{args.host}:{args.port}{WEBSOCKET_PATH})",
             flush=True,
         )
         stop.wait()
     finally:
         if ray.is_initialized():
+            serve.delete(APP_NAME)  # stops the replicas while the controller runs: each drains its sessions
             serve.shutdown()
             ray.shutdown()
     print("streamgen serve: stopped", flush=True)
