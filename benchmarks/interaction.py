@@ -227,10 +227,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds of every configuration, interleaved")
     p.add_argument("--changes", type=int, default=4, help="control changes per session and round")
     p.add_argument("--steps", type=int, default=4, help="steps at Start; changes alternate it with half of it")
+    p.add_argument("--size", type=int, help="frame height and width (default: the model's; smaller keeps a loaded "
+                   "machine real-time)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "interaction")
     args = p.parse_args()
     torch.set_num_threads(1)
     pipe, source = bench.load(args.model, None, "cpu")
+    if args.size:
+        pipe.config = pipe.config.replace(height=args.size, width=args.size)
     counts = bench.parse_ints(args.sessions)
     report = {
         "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),

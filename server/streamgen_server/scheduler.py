@@ -71,6 +71,7 @@ class ServedStream(Stream):
         self._due = -math.inf  # paced streams: when the next chunk may start
         self._free = -math.inf  # when it last became free to produce: its latest chunk put, or a resume
         self._production: deque[float] = deque(maxlen=LEAD_WINDOW)  # seconds from due to encoded, latest chunks
+        self._chunk_seconds = 0.0  # playback time of the latest chunk put
         self._buffer = buffer
         self._wake = wake
         self._events: deque[dict[str, Any]] = deque()  # a handful by construction: started, error, stopped
@@ -100,7 +101,8 @@ class ServedStream(Stream):
             self._production.append(now - max(self._due, self._free))
         self._free = now
         # Pace to playback, but never bank time: after a pause or a slow chunk, the lead starts over.
-        self._due = max(self._due, now - self.lead) + chunk.frames / self.session.fps
+        self._chunk_seconds = chunk.frames / self.session.fps
+        self._due = max(self._due, now - self.lead) + self._chunk_seconds
 
     def pause(self, paused: bool, now: float) -> None:
         self.paused = paused
@@ -112,7 +114,10 @@ class ServedStream(Stream):
             return 0.0
         if self.paused or len(self._media) + self.in_flight >= self._buffer:
             return math.inf
-        return max(0.0, self._due - now) if self.request.realtime else 0.0
+        if not self.request.realtime:
+            return 0.0
+        # A chunk still being decoded and encoded (`overlap`) will move the due time on by its length when put.
+        return max(0.0, self._due + self.in_flight * self._chunk_seconds - now)
 
     async def messages(self) -> AsyncIterator[dict[str, Any] | MediaChunk]:
         """What the client receives, in order: events, the queue position, media. Ends with `stopped`.
