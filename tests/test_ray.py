@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import av
 import psutil
 import pytest
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -28,17 +31,26 @@ from ray import serve  # noqa: E402
 from ray.serve.context import _get_global_client  # noqa: E402
 
 from streamgen import cli  # noqa: E402
-from streamgen_client.client import StreamClient, record  # noqa: E402
+from streamgen_client.client import MAX_MESSAGE_BYTES, StreamClient, endpoint, record  # noqa: E402
 from streamgen_server import app as server_app  # noqa: E402
 from streamgen_server import rayserve  # noqa: E402
+
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 TIMEOUT = 60  # seconds for any one client conversation
 SLOTS = 2  # --max-sessions per replica
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint
 
 
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT))
+def run(coroutine, timeout: float = TIMEOUT):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 def serve_args(monkeypatch: pytest.MonkeyPatch, *argv: str) -> argparse.Namespace:
@@ -51,23 +63,19 @@ def serve_args(monkeypatch: pytest.MonkeyPatch, *argv: str) -> argparse.Namespac
 
 @pytest.fixture(scope="module")
 def deployment(model_dir: Path) -> Iterator[tuple[str, argparse.Namespace]]:
-    """Two replicas on a local Ray instance; yields the proxy's websocket URL and the serve arguments."""
+    """Two replicas on a local Ray instance (its metrics on METRICS_PORT); yields the proxy's websocket URL and
+    the serve arguments."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         argv = ["--ray", "--model", str(model_dir), "--device", "cpu", "--height", "64", "--width", "64"]
         args = serve_args(monkeypatch, *argv, "--port", str(free_port()), "--replicas", "2", "--max-sessions", str(SLOTS))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)  # fmt: skip
     try:
         rayserve.start(args)
         yield f"ws://127.0.0.1:{args.port}/ws", args
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def replicas() -> dict[str, dict[str, Any]]:
@@ -99,9 +107,11 @@ async def the_end(client: StreamClient) -> str:
         return "closed"
 
 
-async def started(url: str, prompt: str) -> tuple[StreamClient, str]:
-    """A live session, paced like a viewer: (client, the replica serving it)."""
-    client = await StreamClient.connect(url)
+async def started(url: str, prompt: str, open_timeout: float = 10) -> tuple[StreamClient, str]:
+    """A live session, paced like a viewer: (client, the replica serving it). A handshake over every replica's
+    capacity waits in Ray's proxy: `open_timeout` is how long the client lets it."""
+    websocket = await connect(endpoint(url), open_timeout=open_timeout, max_size=MAX_MESSAGE_BYTES, compression=None)
+    client = StreamClient(websocket, json.loads(await websocket.recv()))
     await client.start(prompt, realtime=True)
     return client, (await next_of(client, "started"))["replica"]
 
@@ -155,6 +165,21 @@ def test_sessions_are_spread_over_both_replicas_and_stream_whole(deployment, tmp
         assert [s["chunk"] for s in media] == [c["chunk"] for c in recording.chunks] == [0, 1, 2, 3]
         assert [s["first_frame"] for s in media] == [0, 1, 13, 25]
         assert frames_in(recording.path) == recording.frames == 37
+
+
+def test_each_replicas_metrics_reach_rays_metrics_endpoint(deployment) -> None:
+    """Through the proxy `/metrics` is one replica's; Ray's endpoint has each replica's, tagged with its name."""
+    names = set(replicas())
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        frames = [line for line in text.splitlines() if "streamgen_frames_sent_total{" in line]
+        tagged = {replica for replica in names for line in frames if f'replica="{replica}"' in line}
+        if tagged == names and all(float(line.rsplit(" ", 1)[1]) > 0 for line in frames):
+            break
+        assert time.monotonic() < deadline, frames
+        time.sleep(2)
 
 
 def test_a_websocket_counts_as_an_ongoing_request_so_the_one_over_capacity_waits(deployment) -> None:
@@ -241,3 +266,29 @@ def test_a_replica_that_ray_stops_drains_its_sessions(deployment, monkeypatch: p
                 assert client.websocket.close_code == 1001
 
     run(scenario())
+
+
+def test_autoscaling_adds_a_replica_when_every_slot_is_taken(deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One replica, then `--min-replicas 1 --max-replicas 2`: with its slots taken, a waiting connection makes
+    Ray start a second replica, which serves it."""
+    url, args = deployment
+    monkeypatch.setattr(args, "replicas", 1)
+    serve.run(rayserve.application(args), name=rayserve.APP_NAME, route_prefix="/")
+    monkeypatch.setattr(args, "min_replicas", 1)
+    monkeypatch.setattr(args, "max_replicas", 2)
+    serve.run(rayserve.application(args), name=rayserve.APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + 60
+    while len(running := [replica for replica, details in replicas().items() if details["state"] == "RUNNING"]) != 1:
+        assert time.monotonic() < deadline, replicas()
+        time.sleep(1)
+    (first,) = running
+
+    async def scenario() -> None:
+        held = [await started(url, f"hold {i}") for i in range(SLOTS)]
+        assert {replica for _, replica in held} == {first}
+        late, replica = await started(url, "served by a new replica", open_timeout=90)  # Ray starts a replica
+        assert replica != first and replica in replicas()
+        for client in [late, *(client for client, _ in held)]:
+            client.websocket.transport.abort()
+
+    run(scenario(), timeout=120)

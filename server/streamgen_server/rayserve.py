@@ -18,11 +18,13 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 
 import ray
 import torch
 from ray import serve
 from ray.serve.context import ReplicaContext, _get_global_client
+from ray.util.metrics import Gauge
 
 from .app import App, build
 from .asgi import AsgiApp
@@ -35,11 +37,13 @@ APP_NAME = "streamgen"
 # out of what a replica is built from, so that changing them rescales the deployment instead of replacing replicas.
 NOT_FOR_REPLICAS = ("command", "run", "ray", "replicas", "min_replicas", "max_replicas", "address")
 DRAIN_POLL_SECONDS = 1.0  # how often a replica asks the controller whether it is being stopped
+METRICS_SECONDS = 5.0  # how often a replica copies its metrics into Ray's
 GRACEFUL_SHUTDOWN_SECONDS = 30.0  # Ray's limit on a stopping replica: a drain takes a chunk and a flush
 
 
 class ReplicaAsgi(AsgiApp):
-    """The ASGI adapter of one replica, which also drains the replica once Ray starts stopping it.
+    """The ASGI adapter of one replica, which also drains the replica once Ray starts stopping it, and exports its
+    metrics through Ray's.
 
     Ray waits for a stopping replica's ongoing requests (its open websockets) and only then runs the ASGI shutdown,
     or kills it when its graceful-shutdown time is up; no public hook tells a replica earlier that it is stopping.
@@ -49,11 +53,24 @@ class ReplicaAsgi(AsgiApp):
     def __init__(self, app: App, replica: ReplicaContext) -> None:
         super().__init__(app)
         self.replica = replica
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def startup(self) -> None:
         await super().startup()
-        self._watcher = asyncio.create_task(self._drain_when_stopping())
+        self._tasks = [asyncio.create_task(self._drain_when_stopping()), asyncio.create_task(self._export_metrics())]
+
+    async def _export_metrics(self) -> None:
+        """This replica's `/metrics`, as Ray metrics with a `replica` tag, every few seconds. Through the proxy
+        `/metrics` answers for whichever replica the request reached; Ray's metrics endpoint on every node (what
+        Prometheus scrapes on a Ray cluster) has every replica's, each under its name."""
+        gauges: dict[str, Gauge] = {}
+        tags = {"replica": self.app.replica}
+        while True:
+            for name, help_text, labels, value in _samples(self.app.metrics.render()):
+                if name not in gauges:
+                    gauges[name] = Gauge(name, help_text, tag_keys=("replica", *labels))
+                gauges[name].set(value, tags | labels)
+            await asyncio.sleep(METRICS_SECONDS)
 
     async def _drain_when_stopping(self) -> None:
         while True:
@@ -65,6 +82,21 @@ class ReplicaAsgi(AsgiApp):
             await asyncio.sleep(DRAIN_POLL_SECONDS)
         log.info("replica %s is stopping: draining %d connections", self.app.replica, len(self.app.connections))
         await self.shutdown()
+
+
+def _samples(text: str) -> Iterator[tuple[str, str, dict[str, str], float]]:
+    """(name, help, labels, value) of each sample of a Prometheus text exposition (ours: `Metrics.render`)."""
+    helps: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, help_text = line.removeprefix("# HELP ").partition(" ")
+            helps[name] = help_text
+        elif line and not line.startswith("#"):
+            sample, _, value = line.rpartition(" ")
+            name, _, labels = sample.partition("{")
+            pairs = (pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
+            family = name if name in helps else next((f for f in helps if name.startswith(f)), name)  # _bucket...
+            yield name, helps.get(family, ""), {key: raw.strip('"') for key, raw in pairs}, float(value)
 
 
 def _stopping(replica: ReplicaContext) -> bool:
