@@ -9,6 +9,35 @@
 const MAX_LAG_S = 3; // further behind the live edge than this (a hidden tab), playback jumps forward
 const LAG_AFTER_JUMP_S = 0.5; // ...to this far behind it
 const KEEP_BEHIND_S = 20; // MSE: played video kept in the source buffer; older is removed
+// Catching up with the live edge. A late chunk stalls playback, and after it the page would stay that much further
+// behind the stream (and every control change would show that much later) for good. So the least a player held
+// buffered over each window, less a margin, is time it no longer needs: it plays CATCH_UP_RATE times as fast
+// (smoothly, no frame skipped) until that time is made up.
+const CATCH_UP_WINDOW_MS = 1500; // about two chunks: the buffer is lowest just before each chunk arrives
+const CATCH_UP_MARGIN_S = 0.1;
+const CATCH_UP_RATE = 1.25;
+
+class CatchUp {
+  constructor() {
+    this.low = Infinity; // least buffered in this window
+    this.debt = 0; // seconds still to make up
+    this.since = this.last = performance.now();
+  }
+
+  // The playback rate from `now` on, given the seconds buffered ahead; the rate it returned last has made up
+  // (rate - 1) x the seconds since.
+  rate(ahead, now) {
+    if (this.debt > 0) this.debt -= ((CATCH_UP_RATE - 1) * (now - this.last)) / 1000;
+    this.last = now;
+    this.low = Math.min(this.low, ahead);
+    if (now - this.since > CATCH_UP_WINDOW_MS) {
+      this.debt = Math.max(0, this.low - CATCH_UP_MARGIN_S);
+      this.low = Infinity;
+      this.since = now;
+    }
+    return this.debt > 0 ? CATCH_UP_RATE : 1;
+  }
+}
 
 // -- fragmented MP4 ------------------------------------------------------------------------------------------
 // Just what the server's own fragments use (streamgen/media.py FragmentedMp4Encoder: one H.264 track, ftyp+moov
@@ -117,8 +146,8 @@ function parseFragments(buffer, init) {
 
 // -- WebCodecs --------------------------------------------------------------------------------------------------
 // Decoded frames wait in a short queue and are drawn when their time comes on a clock anchored to the first frame;
-// when the queue runs dry the clock waits for the next frame (a stall, never a skip), and a backlog over MAX_LAG_S
-// (a hidden tab) is dropped.
+// when the queue runs dry the clock waits for the next frame (a stall, never a skip) and then catches up (CatchUp),
+// and a backlog over MAX_LAG_S (a hidden tab) is dropped.
 class WebCodecsPlayer {
   static supported() {
     return typeof VideoDecoder === "function" && typeof EncodedVideoChunk === "function";
@@ -132,6 +161,9 @@ class WebCodecsPlayer {
     this.origin = null; // performance.now() at which timestamp 0 is due
     this.needKey = true;
     this.drawn = 0;
+    this.catchUp = new CatchUp();
+    this.rate = 1; // the clock's speed since the last refresh
+    this.refreshed = performance.now();
     this.decoder = new VideoDecoder({ output: (frame) => this.frames.push(frame), error: (e) => onError(e.message) });
     this.tick = this.tick.bind(this);
     this.timer = requestAnimationFrame(this.tick);
@@ -160,6 +192,9 @@ class WebCodecsPlayer {
   tick() {
     this.timer = requestAnimationFrame(this.tick);
     const now = performance.now();
+    if (this.origin !== null) this.origin -= (this.rate - 1) * (now - this.refreshed); // faster: frames due sooner
+    this.refreshed = now;
+    this.rate = this.catchUp.rate(this.ahead, now);
     if (this.frames.length && (this.origin === null || this.due(this.frames[0]) < now - 1000 / this.fps)) {
       this.origin = now - this.frames[0].timestamp / 1000; // first frame, or after a stall: show it now
     }
@@ -226,9 +261,11 @@ class MsePlayer {
       this.buffer.addEventListener("updateend", this.pump);
       this.pump();
     }, { once: true });
+    this.catchUp = new CatchUp();
     if (video.requestVideoFrameCallback) {
       const onFrame = (now, meta) => {
         if (this.media === null) return;
+        video.playbackRate = this.catchUp.rate(this.ahead, performance.now());
         onDisplayed(Math.round(meta.mediaTime * fps));
         video.requestVideoFrameCallback(onFrame);
       };
