@@ -233,3 +233,12 @@ def test_bad_and_busy_ports_are_one_line_errors(model_dir: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "cannot listen on 127.0.0.1" in errors[0] and "in use" in errors[0]
+
+
+def test_serve_ray_without_the_ray_extra_is_a_one_line_error(model_dir: Path) -> None:
+    """The plain server needs no Ray; asking for it without the extra says what to install."""
+    hide_ray = "import sys; sys.modules['ray'] = None; from streamgen.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", hide_ray, "serve", "--ray", "--model", str(model_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=90, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--ray needs Ray Serve: pip install -e '.[ray]'" in result.stderr.splitlines()[-1]

@@ -283,8 +283,10 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
     if args.ray:
-        from . import rayserve
-
+        try:
+            from . import rayserve
+        except ImportError as e:
+            raise RuntimeError(f"--ray needs Ray Serve: pip install -e '.[ray]' ({e})") from None
         return rayserve.main(args)
     app = build(args)
 
