@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         type=byte_size,
         help="bytes sessions may hold, e.g. 8G (default: 80%% of free GPU memory, or half the available RAM)",
     )
+    serve.add_argument(
+        "--overlap", action="store_true", help="decode and encode on a second thread while the next turn denoises"
+    )
     serve.add_argument("--token", help="require this token from clients")
     serve.add_argument(
         "--allow-origin", action="append", metavar="ORIGIN", help="also accept pages from ORIGIN (repeatable)"

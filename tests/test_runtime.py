@@ -35,7 +35,10 @@ async def next_of(client: StreamClient, kind: str) -> dict:
             return message
 
 
-def test_a_session_batched_with_another_gets_the_frames_it_gets_alone(pipe: StreamingPipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_session_batched_with_another_gets_the_frames_it_gets_alone(
+    pipe: StreamingPipeline, tmp_path: Path, overlap: bool
+) -> None:
     async def session(url: str, name: str, seed: int, steps: int):
         async with await StreamClient.connect(url) as client:
             return await record(client, tmp_path / f"{name}.mp4", prompt=f"scene {seed}", chunks=4, seed=seed, steps=steps)
@@ -43,7 +46,7 @@ def test_a_session_batched_with_another_gets_the_frames_it_gets_alone(pipe: Stre
     async def together(url: str):
         return await asyncio.gather(session(url, "a", 5, 2), session(url, "b", 6, 3))
 
-    with serve_in_thread(pipe, max_sessions=2) as server:
+    with serve_in_thread(pipe, max_sessions=2, overlap=overlap) as server:
         batched, other = run(together(server.websocket_url))
         alone = run(session(server.websocket_url, "alone", 5, 2))
         batches = server.app.scheduler.runner.batch_sizes

@@ -71,7 +71,7 @@ class App:
         limits: Limits = Limits(),
         web_root: Path = WEB_ROOT,
         memory_budget: int | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
         max_batch: int | None = None,
         replica: str | None = None,
     ) -> None:
@@ -274,6 +274,7 @@ def build(args: argparse.Namespace, replica: str | None = None) -> App:
         hosts=allowed_hosts(args.host, args.allow_host or ()),
         limits=limits(args),
         memory_budget=args.memory_budget,
+        overlap=args.overlap,
         replica=replica,
     )
 

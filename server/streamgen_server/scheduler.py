@@ -165,13 +165,15 @@ class Scheduler:
         max_active: int,
         limits: Limits,
         memory_budget: int | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
         max_batch: int | None = None,
     ) -> None:
         """`memory_budget`: bytes for sessions (default: `runtime.default_memory_budget`); `overlap`: decode and
-        encode a turn's chunks on a second thread while the next turn denoises (on by default: on two CPU cores it
-        doubled throughput, `benchmarks/results/serving.md`); `max_batch`: most streams in a
-        turn (1: one stream at a time, least recently served first, the scheduler before batching)."""
+        encode a turn's chunks on a second thread while the next turn denoises (off by default: on the shared
+        2-core CPU it was measured on, it cost about 10% more CPU per frame and gained no wall-clock time,
+        `benchmarks/results/serving.md`; it can pay where a core or the GPU would otherwise wait); `max_batch`:
+        most streams in a turn (1: one stream at a time, least recently served first, the scheduler before
+        batching)."""
         if max_active < 1 or (max_batch is not None and max_batch < 1):
             raise ValueError(f"max_active and max_batch must be at least 1, got {max_active} and {max_batch}")
         self.pipe, self.max_active, self.max_batch, self.limits = pipe, max_active, max_batch, limits
