@@ -9,6 +9,10 @@ For each step budget and model, on grammar prompts from held-out world seeds:
 The world's own frames at the same times give the scorer's ceiling ("data" row).
 
     python benchmarks/quality.py --run runs/default [--prompts 8] [--drift 10]
+    # or in two processes side by side, then one table:
+    python benchmarks/quality.py --run R --models teacher-euler,"anyflow (stage 1)" --out /tmp/a
+    python benchmarks/quality.py --run R --models "anyflow (stage 2)",consistency --out /tmp/b
+    python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamgen.bench import load_average, save_report
 from streamgen.config import StreamConfig
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.pipeline import StreamingPipeline
@@ -28,7 +33,7 @@ from streamgen.training import stages
 from streamgen.training.components import causal_teacher
 from streamgen.training.data import CHUNKS, EVAL_SEED
 from streamgen.training.world import VideoWorld, semantic_score
-from streamgen.vae import StreamingDecoder, to_uint8_frames
+from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 BUDGETS = (1, 2, 4, 8, 16)
 REFERENCE_STEPS = 64
@@ -70,44 +75,32 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run", type=Path, default=Path("runs/default"))
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument(
-        "--drift", type=int, default=10, help="long stream = this many training clips"
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "quality"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+MODELS = ("teacher-euler", "anyflow (stage 2)", "anyflow (stage 1)", "consistency")  # table order
 
+
+def load_models(recipe: stages.Recipe, names: list[str]) -> dict:
+    loaders = {
+        "teacher-euler": lambda: causal_teacher(stages.load_teacher(recipe)),
+        "anyflow (stage 2)": lambda: stages.load_far(recipe, "distill"),
+        "anyflow (stage 1)": lambda: stages.load_far(recipe, "student"),
+        "consistency": lambda: stages.load_far(recipe, "consistency"),
+    }
+    available = [n for n in names if n != "anyflow (stage 2)" or recipe.run("distill").done]
+    return {name: loaders[name]() for name in available}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    began = time.perf_counter()
     recipe = stages.Recipe(root=args.run)
     tokenizer, encoder = stages.load_text(recipe)
     vae = stages.load_vae(recipe)
-    models = {"teacher-euler": causal_teacher(stages.load_teacher(recipe))}
-    if recipe.run("distill").done:
-        models["anyflow (stage 2)"] = stages.load_far(recipe, "distill")
-    models["anyflow (stage 1)"] = stages.load_far(recipe, "student")
-    models["consistency"] = stages.load_far(recipe, "consistency")
+    teacher = causal_teacher(stages.load_teacher(recipe))
+    models = load_models(recipe, args.models)
     scheduler = stages.C.build_scheduler()
-    engines = {
-        name: StreamingEngine(model, scheduler) for name, model in models.items()
-    }
+    reference_engine = StreamingEngine(teacher, scheduler)
+    engines = {name: StreamingEngine(model, scheduler) for name, model in models.items()}
     window = StreamConfig().window
-    pipe = StreamingPipeline(
-        models["teacher-euler"],
-        vae,
-        scheduler,
-        encoder,
-        tokenizer,
-        max_sequence_length=32,
-    )
+    pipe = StreamingPipeline(teacher, vae, scheduler, encoder, tokenizer, max_sequence_length=32)
     world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
     clip = CLIP_LATENT_FRAMES
     frames_per_clip = 1 + 4 * (CLIP_LATENT_FRAMES - 1)
@@ -115,6 +108,7 @@ def main() -> None:
 
     rows: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
     data_scores: dict[str, list[float]] = {"clip": [], "long": []}
+    vae_scores: dict[str, list[float]] = {"clip": [], "long": []}
     # All prompts stream together as one batch: the engine is batched, and at 8x8 latents one call costs about
     # what one prompt's does.
     seeds = [(EVAL_SEED, p) for p in range(args.prompts)]
@@ -127,7 +121,10 @@ def main() -> None:
         for seed, caption in zip(seeds, captions):
             truth, _ = world.clip(seed, frames_per_clip, start_frame=total - frames_per_clip)
             data_scores[span].append(semantic_score(truth, caption))
-        reference = stream(engines["teacher-euler"], text, noises, REFERENCE_STEPS, window)
+            # The VAE's own round trip of those frames: what a model that made the data's latents would score.
+            (decoded,) = decode(vae, encode_video(vae, truth))
+            vae_scores[span].append(semantic_score(decoded, caption))
+        reference = stream(reference_engine, text, noises, REFERENCE_STEPS, window)
         ref_frames = decode(vae, reference)
         for name, engine in engines.items():
             for steps in BUDGETS:
@@ -152,42 +149,87 @@ def main() -> None:
         for (span, steps, name), v in sorted(rows.items())
     ]
     meta = {
+        "run": str(args.run),
         "prompts": args.prompts,
+        "drift": args.drift,
         "clip_latent_frames": clip,
         "long_latent_frames": sum(lengths["long"]),
         "window": window,
         "reference_steps": REFERENCE_STEPS,
         "seconds": round(time.perf_counter() - began),
+        "load_average": load_average(),
         "data_semantic": {k: float(np.mean(v)) for k, v in data_scores.items()},
+        "vae_semantic": {k: float(np.mean(v)) for k, v in vae_scores.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
-    )
+    return {"meta": meta, "results": results}
+
+
+def render(report: dict) -> str:
+    meta, results = report["meta"], report["results"]
+    cell = {(r["span"], r["steps"], r["model"]): r for r in results}
+    names = [n for n in MODELS if any(r["model"] == n for r in results)]
     lines = [
         "# Few-step quality (toy default model)",
         "",
         (
-            f"{args.prompts} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
-            f"{REFERENCE_STEPS}-step ODE from the same noise and teacher context; semantic score in [0, 1] of the "
-            f"model's own stream (world data scores {meta['data_semantic']['clip']:.2f} on a clip, "
-            f"{meta['data_semantic']['long']:.2f} at the end of the long stream). Long = {sum(lengths['long'])} latent "
-            f"frames ({args.drift}x a training clip), window {window}; scores on its last clip's worth of frames. "
-            f"Wall time {meta['seconds']} s."
+            f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}`: "
+            f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
+            f"{meta['reference_steps']}-step ODE from the same noise and teacher context; semantic score in [0, 1] of "
+            f"the model's own stream. World data scores {meta['data_semantic']['clip']:.2f} on a clip and "
+            f"{meta['data_semantic']['long']:.2f} at the end of the long stream; its VAE round trip (the ceiling of "
+            f"any model decoded by this VAE) {meta['vae_semantic']['clip']:.2f} and {meta['vae_semantic']['long']:.2f}. "
+            f"Long = {meta['long_latent_frames']} latent frames ({meta['drift']}x a training clip), window "
+            f"{meta['window']}; scores on its last clip's worth of frames. Wall time {meta['seconds']} s "
+            f"(load average {meta['load_average']})."
         ),
         "",
         "| steps | model | PSNR clip | semantic clip | PSNR long | semantic long |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for steps in BUDGETS:
-        for name in models:
-            c, l = rows[("clip", steps, name)], rows[("long", steps, name)]
+        for name in names:
+            c, l = cell[("clip", steps, name)], cell[("long", steps, name)]
             lines.append(
-                f"| {steps} | {name} | {np.mean([r[0] for r in c]):.1f} | {np.mean([r[1] for r in c]):.2f} | "
-                f"{np.mean([r[0] for r in l]):.1f} | {np.mean([r[1] for r in l]):.2f} |"
+                f"| {steps} | {name} | {c['psnr']:.1f} | {c['semantic']:.2f} | {l['psnr']:.1f} | {l['semantic']:.2f} |"
             )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def merge(parts: list[dict]) -> dict:
+    """One report from runs over disjoint model sets (same run, prompts and noise: the reference is identical)."""
+    meta = dict(parts[0]["meta"])
+    meta["seconds"] = max(p["meta"]["seconds"] for p in parts)  # the parts ran side by side
+    meta["load_average"] = [p["meta"]["load_average"] for p in parts]
+    return {"meta": meta, "results": [r for p in parts for r in p["results"]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, default=Path("runs/default"))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument(
+        "--drift", type=int, default=10, help="long stream = this many training clips"
+    )
+    parser.add_argument(
+        "--models",
+        type=lambda text: text.split(","),
+        default=list(MODELS),
+        help="comma-separated subset of the models (e.g. to run parts side by side and --merge them)",
+    )
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine these parts' JSON into one report")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "quality"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.merge:
+        report = merge([json.loads(path.read_text()) for path in args.merge])
+    else:
+        report = measure(args)
+    save_report(args.out, report, render)
 
 
 if __name__ == "__main__":

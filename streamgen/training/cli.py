@@ -17,6 +17,7 @@ from .stages import Recipe
 DEFAULT_STEPS = {
     "vae": 600,
     "teacher": 1500,
+    "decoder": 300,
     "student": 800,
     "distill": 100,
     "consistency": 800,
@@ -24,13 +25,14 @@ DEFAULT_STEPS = {
 TRAINERS = {
     "vae": stages.train_vae,
     "teacher": stages.train_teacher,
+    "decoder": stages.train_decoder,
     "student": stages.train_student,
     "distill": stages.train_distill,
     "consistency": stages.train_consistency,
 }
 # `all` exports the shipped stage as soon as it exists, then trains stage 2 and the consistency baseline, which
 # the quality benchmark compares with it.
-ALL = ("vae", "teacher", "student", "export", "distill", "consistency")
+ALL = ("vae", "teacher", "decoder", "student", "export", "distill", "consistency")
 
 
 def main(argv: list[str]) -> int:

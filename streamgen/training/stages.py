@@ -47,6 +47,7 @@ SHIPPED_STAGE = "student"
 # without temporal upsampling) some 15 latent frames deep: a VAE trained on 5-frame clips (2 latent frames) never
 # saw its steady state and broke every chunk after the first (docs/training.md, "Why the stream lost its prompt").
 VAE_CLIP_FRAMES, VAE_CROP = 65, 32
+_DECODER_SEED = 10**7  # the decoder stage's clips start here, past any the vae stage draws
 BUDGETS = (
     1,
     2,
@@ -111,8 +112,10 @@ def warm(
 
 # -- loading what earlier stages wrote ---------------------------------------------------------------------------
 def load_vae(recipe: Recipe) -> AutoencoderKLWan:
+    """The trained VAE, with the fine-tuned decoder once that stage has run (the encoder is the vae stage's)."""
+    stage = "decoder" if recipe.run("decoder").done else "vae"
     return (
-        AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae")
+        AutoencoderKLWan.from_pretrained(recipe.require(stage) / "vae")
         .to(recipe.device)
         .eval()
     )
@@ -161,10 +164,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
         x = _crop(x, VAE_CROP, generator(i, 5)).to(recipe.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator(i, 0, recipe.device))
-        error = vae.decode(z).sample - x
-        background = x.flatten(3).median(dim=3).values[..., None, None]
-        weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.3).float()
-        reconstruction = (weight * (error.abs() + error.square())).mean()
+        reconstruction = _reconstruction_loss(vae, z, x)
         kl = posterior.kl().mean() / z[0].numel()
         optimize(optimizer, reconstruction + 1e-4 * kl)
         return {"rec": reconstruction.item(), "kl": kl.item()}
@@ -173,6 +173,39 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
         steps, {"vae": vae}, {"vae": optimizer}, step, minutes=recipe.minutes
     )
     set_latent_stats(vae, recipe.world)
+    vae.save_pretrained(run.final / "vae")
+    return losses
+
+
+def _reconstruction_loss(vae: AutoencoderKLWan, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 of the decoded clip, pixels away from the frame's median (the shapes) weighted 5x."""
+    error = vae.decode(z).sample - x
+    background = x.flatten(3).median(dim=3).values[..., None, None]
+    weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.3).float()
+    return (weight * (error.abs() + error.square())).mean()
+
+
+def train_decoder(recipe: Recipe, steps: int) -> dict[str, float]:
+    """The VAE's decoder alone, on latents of the frozen encoder: sharper frames without moving the latent space
+    the transformers were trained in, so it can run after (or beside) them. Clips the vae stage did not draw."""
+    run = recipe.run("decoder")
+    vae = AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae").to(recipe.device)
+    vae.requires_grad_(False)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for param in decoder:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=3e-4, weight_decay=0.0)
+
+    def step(i: int) -> dict[str, float]:
+        x, _ = pixel_clips(recipe.world, _DECODER_SEED + i, recipe.batch // 4, VAE_CLIP_FRAMES)
+        x = _crop(x, VAE_CROP, generator(i, 6)).to(recipe.device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator(i, 7, recipe.device))
+        reconstruction = _reconstruction_loss(vae, z, x)
+        optimize(optimizer, reconstruction)
+        return {"rec": reconstruction.item()}
+
+    losses = run.train(steps, {"vae": vae}, {"decoder": optimizer}, step, minutes=recipe.minutes)
     vae.save_pretrained(run.final / "vae")
     return losses
 
