@@ -1,10 +1,11 @@
-"""Batching across sessions: total frames/s of 1, 2 and 4 sessions, batched (`StreamingPipeline.next_chunks`,
-one transformer call per step for all) against one at a time (`Session.next_chunk` in turn, as the server does).
+"""Batching across sessions in the chunk runner: total frames/s of 1, 2 and 4 streams, one turn for all (one
+transformer call per step for every stream) against one turn per stream (the scheduler before batching).
 
 Sessions differ in prompt, seed and budget (steps cycle through `--steps`), so a batch mixes (t, r) per sample.
 Each mode gets its own sessions, warmed up by one chunk each (their first chunks are 1 latent frame, a batch of
 their own); then `--rounds` rounds are timed. Reported: all sessions' frames per second end to end (denoise,
-cache update, decode) and per second of denoising alone (what batching changes).
+cache update, decode, H.264 encode) and per second of denoising alone (what batching changes). The server's
+view of the same, over websockets and with overlap, is `benchmarks/serving.py`.
 
     python benchmarks/batching.py [--preset small] [--sessions 1,2,4] [--rounds 3] [--steps 2,4] [--device cpu]
 """
@@ -19,18 +20,20 @@ from pathlib import Path
 import torch
 
 from streamgen import bench
-from streamgen.pipeline import Session, StreamingPipeline
+from streamgen.pipeline import StreamingPipeline
+from streamgen.runtime import Runner, Stream
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def open_sessions(pipe: StreamingPipeline, count: int, budgets: list[int]) -> list[Session]:
-    sessions = [
-        pipe.start_session(f"{bench.PROMPT}, viewer {i}", seed=i, steps=steps)
-        for i, steps in enumerate(islice(cycle(budgets), count))
+def open_streams(runner: Runner, count: int, budgets: list[int]) -> list[Stream]:
+    streams = [
+        Stream(f"{bench.PROMPT}, viewer {i}", seed=i, steps=steps) for i, steps in enumerate(islice(cycle(budgets), count))
     ]
-    pipe.next_chunks(sessions)  # warm-up: the 1-frame first chunks
-    return sessions
+    for stream in streams:
+        runner.open(stream)
+    runner.turn(streams)  # warm-up: the 1-frame first chunks
+    return streams
 
 
 def sync(pipe: StreamingPipeline) -> None:
@@ -38,23 +41,21 @@ def sync(pipe: StreamingPipeline) -> None:
         torch.cuda.synchronize(pipe.device)
 
 
-def measure(pipe: StreamingPipeline, count: int, budgets: list[int], rounds: int, batched: bool) -> dict:
-    sessions = open_sessions(pipe, count, budgets)
+def measure(runner: Runner, count: int, budgets: list[int], rounds: int, batched: bool) -> dict:
+    """`rounds` chunks of each of `count` streams: one turn of the runner for all, or one turn per stream."""
+    streams = open_streams(runner, count, budgets)
     frames = denoise = 0.0
-    sync(pipe)
+    sync(runner.pipe)
     start = time.perf_counter()
     for _ in range(rounds):
-        if batched:
-            outputs = pipe.next_chunks(sessions)
-            denoise += sessions[0].timing.transformer  # one batched denoise for all
-        else:
-            outputs = [session.next_chunk() for session in sessions]
-            denoise += sum(session.timing.transformer for session in sessions)
-        frames += sum(len(frames) for frames in outputs)
-    sync(pipe)
+        for turn in [streams] if batched else [[stream] for stream in streams]:
+            chunks = runner.turn(turn)
+            denoise += chunks[0].timing.transformer  # one batched denoise for the turn
+            frames += sum(chunk.frames for chunk in chunks)
+    sync(runner.pipe)
     seconds = time.perf_counter() - start
-    for session in sessions:
-        session.close()
+    for stream in streams:
+        runner.release(stream)
     return {"fps": frames / seconds, "denoise_fps": frames / denoise, "seconds": seconds, "frames": int(frames)}
 
 
@@ -98,14 +99,15 @@ def main() -> None:
     pipe, source = bench.load(args.model, None if args.model else args.preset, args.device)
     budgets = bench.parse_ints(args.steps)
     machine = bench.machine(pipe.device)
+    runner = Runner(pipe)
     # Warm the kernels for both paths once before timing anything.
     for batched in (False, True):
-        measure(pipe, 2, budgets, 1, batched)
+        measure(runner, 2, budgets, 1, batched)
     rows = []
     for count in bench.parse_ints(args.sessions):
-        alone = measure(pipe, count, budgets, args.rounds, batched=False)
+        alone = measure(runner, count, budgets, args.rounds, batched=False)
         rows.append(
-            {"sessions": count, "one_at_a_time": alone, "batched": measure(pipe, count, budgets, args.rounds, True)}
+            {"sessions": count, "one_at_a_time": alone, "batched": measure(runner, count, budgets, args.rounds, True)}
         )
     machine["load_average_end"] = bench.load_average()
     report = {
