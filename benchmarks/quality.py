@@ -104,11 +104,11 @@ def measure(args: argparse.Namespace) -> dict:
     world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
     clip = CLIP_LATENT_FRAMES
     frames_per_clip = 1 + 4 * (CLIP_LATENT_FRAMES - 1)
-    lengths = {"clip": chunk_sizes(clip), "long": chunk_sizes(clip * args.drift)}
+    lengths = {"clip": chunk_sizes(clip)} | ({"long": chunk_sizes(clip * args.drift)} if args.drift else {})
 
     rows: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
-    data_scores: dict[str, list[float]] = {"clip": [], "long": []}
-    vae_scores: dict[str, list[float]] = {"clip": [], "long": []}
+    data_scores: dict[str, list[float]] = {span: [] for span in lengths}
+    vae_scores: dict[str, list[float]] = {span: [] for span in lengths}
     # All prompts stream together as one batch: the engine is batched, and at 8x8 latents one call costs about
     # what one prompt's does.
     seeds = [(EVAL_SEED, p) for p in range(args.prompts)]
@@ -153,7 +153,7 @@ def measure(args: argparse.Namespace) -> dict:
         "prompts": args.prompts,
         "drift": args.drift,
         "clip_latent_frames": clip,
-        "long_latent_frames": sum(lengths["long"]),
+        "long_latent_frames": sum(lengths["long"]) if args.drift else 0,
         "window": window,
         "reference_steps": REFERENCE_STEPS,
         "seconds": round(time.perf_counter() - began),
@@ -168,6 +168,13 @@ def render(report: dict) -> str:
     meta, results = report["meta"], report["results"]
     cell = {(r["span"], r["steps"], r["model"]): r for r in results}
     names = [n for n in MODELS if any(r["model"] == n for r in results)]
+    data, vae = meta["data_semantic"], meta["vae_semantic"]
+    long = (
+        f" and {data['long']:.2f} at the end of the long stream" if meta["drift"] else "",
+        f" and {vae['long']:.2f}" if meta["drift"] else "",
+        f"Long = {meta['long_latent_frames']} latent frames ({meta['drift']}x a training clip), window "
+        f"{meta['window']}; scores on its last clip's worth of frames. " if meta["drift"] else "No long stream. ",
+    )
     lines = [
         "# Few-step quality (toy default model)",
         "",
@@ -175,12 +182,9 @@ def render(report: dict) -> str:
             f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}`: "
             f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
             f"{meta['reference_steps']}-step ODE from the same noise and teacher context; semantic score in [0, 1] of "
-            f"the model's own stream. World data scores {meta['data_semantic']['clip']:.2f} on a clip and "
-            f"{meta['data_semantic']['long']:.2f} at the end of the long stream; its VAE round trip (the ceiling of "
-            f"any model decoded by this VAE) {meta['vae_semantic']['clip']:.2f} and {meta['vae_semantic']['long']:.2f}. "
-            f"Long = {meta['long_latent_frames']} latent frames ({meta['drift']}x a training clip), window "
-            f"{meta['window']}; scores on its last clip's worth of frames. Wall time {meta['seconds']} s "
-            f"(load average {meta['load_average']})."
+            f"the model's own stream. World data scores {data['clip']:.2f} on a clip{long[0]}; its VAE round trip "
+            f"(the ceiling of any model decoded by this VAE) {vae['clip']:.2f}{long[1]}. {long[2]}"
+            f"Wall time {meta['seconds']} s (load average {meta['load_average']})."
         ),
         "",
         "| steps | model | PSNR clip | semantic clip | PSNR long | semantic long |",
@@ -188,10 +192,9 @@ def render(report: dict) -> str:
     ]
     for steps in BUDGETS:
         for name in names:
-            c, l = cell[("clip", steps, name)], cell[("long", steps, name)]
-            lines.append(
-                f"| {steps} | {name} | {c['psnr']:.1f} | {c['semantic']:.2f} | {l['psnr']:.1f} | {l['semantic']:.2f} |"
-            )
+            c, l = cell[("clip", steps, name)], cell.get(("long", steps, name))
+            far = f"{l['psnr']:.1f} | {l['semantic']:.2f}" if l else "- | -"
+            lines.append(f"| {steps} | {name} | {c['psnr']:.1f} | {c['semantic']:.2f} | {far} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,7 +213,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/default"))
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument(
-        "--drift", type=int, default=10, help="long stream = this many training clips"
+        "--drift", type=int, default=10, help="long stream = this many training clips (0: none)"
     )
     parser.add_argument(
         "--models",
