@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quality import psnr  # the sibling script's, one PSNR for every benchmark
 from streamgen.bench import load_average, save_report
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen.training.data import EVAL_SEED
@@ -31,11 +32,6 @@ from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"
 PREFIX_CHUNKS = 2  # latent frames 1 + 3 = 13 video frames of world data as the stream's past in (d)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 def holds(frames: np.ndarray, caption: str) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from quality import psnr  # the sibling script's, one PSNR for every benchmark
 from streamgen.bench import load_average, save_report
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen.training import footage
@@ -29,11 +30,6 @@ RESULTS = Path(__file__).parent / "results" / "quality_probes"
 CONTEXT_FRAMES = 13  # the stream's first two chunks (1 + 3 latent frames)
 CONTINUED_CHUNKS = 4
 CLIPS_PER_IMAGE = 2
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 @torch.no_grad()
