@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         help="bytes sessions may hold, e.g. 8G (default: 80%% of free GPU memory, or half the available RAM)",
     )
     serve.add_argument(
-        "--overlap", action="store_true", help="decode and encode on a second thread while the next turn denoises"
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode and encode on a second thread while the next turn denoises (pays with a free core: "
+        "benchmarks/results/serving.md; --no-overlap on a CPU that other work keeps busy)",
     )
     serve.add_argument("--token", help="require this token from clients")
     serve.add_argument(
