@@ -169,9 +169,10 @@ class Scheduler:
         max_batch: int | None = None,
     ) -> None:
         """`memory_budget`: bytes for sessions (default: `runtime.default_memory_budget`); `overlap`: decode and
-        encode a turn's chunks on a second thread while the next turn denoises (off by default: on the shared
-        2-core CPU it was measured on, it cost about 10% more CPU per frame and gained no wall-clock time,
-        `benchmarks/results/serving.md`; it can pay where a core or the GPU would otherwise wait); `max_batch`:
+        encode a turn's chunks on a second thread while the next turn denoises (it pays only where a core would
+        otherwise wait: on a quiet 2-core CPU 1.30x frames/s with 4 sessions, on one that other work keeps busy
+        nothing, `benchmarks/results/serving.md`; `streamgen serve` turns it on, embedded servers opt in);
+        `max_batch`:
         most streams in a turn (1: one stream at a time, least recently served first, the scheduler before
         batching)."""
         if max_active < 1 or (max_batch is not None and max_batch < 1):
