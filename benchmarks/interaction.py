@@ -1,6 +1,6 @@
 """What a person feels: control-to-screen latency of the live page, in a real headless Chromium on a real server.
 
-Each page is the shipped web player (`clients/web/`), driven from inside the page so that every time is read on
+Each page is the shipped web player (`server/streamgen_server/web/`), driven from inside the page so that every time is read on
 the page's own clock. Per page session: Start is pressed (first-frame latency: press -> first frame displayed),
 then controls are sent at random moments of the chunk cycle, alternately a new prompt and a new step count. Per
 change: *arrive* = send -> the first media of the first chunk made under the change reaches the page; *display* =

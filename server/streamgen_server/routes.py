@@ -21,7 +21,7 @@ from . import protocol
 from .metrics import Metrics
 from .protocol import ErrorCode, ProtocolError
 
-WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"  # the project is installed editable
+WEB_ROOT = Path(__file__).resolve().parent / "web"  # the page ships as package data
 WEBSOCKET_PATH = "/ws"
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # names the server is always reachable as on its own machine
 ANY_HOST = "*"  # `--allow-host '*'`: no Host check (behind a proxy that checks it)
