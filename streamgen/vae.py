@@ -14,7 +14,8 @@ from types import TracebackType
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+from .diffusers_adapter import decode_latent_frame, decoder_cache, encode_posterior
 
 
 def _stats(vae: AutoencoderKLWan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ class StreamingDecoder:
         if self._shape is not None and shape != self._shape:
             raise ValueError(f"(batch, h, w) changed mid-stream from {self._shape} to {shape}; call reset() first")
         if self._cache is None:
-            self._cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+            self._cache = decoder_cache(vae)
         self._shape = shape
 
         # De-normalise exactly like AnyFlowFARPipeline.__call__ before `vae.decode`: in the VAE's dtype.
@@ -72,15 +73,9 @@ class StreamingDecoder:
         x = vae.post_quant_conv(z)  # a 1x1x1 convolution: no temporal state, so per-chunk is exact
         outs = []
         for i in range(x.shape[2]):
-            outs.append(
-                vae.decoder(
-                    x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=self.latent_frames == 0
-                )
-            )
+            outs.append(decode_latent_frame(vae, x[:, :, i : i + 1], self._cache, first=self.latent_frames == 0))
             self.latent_frames += 1
         out = torch.cat(outs, 2)
-        if vae.config.patch_size is not None:
-            out = unpatchify(out, patch_size=vae.config.patch_size)
         return out.clamp(-1.0, 1.0)
 
     @property
@@ -155,7 +150,7 @@ def encode_video(vae: AutoencoderKLWan, frames: np.ndarray | torch.Tensor) -> to
 
     # VaeImageProcessor.preprocess normalises to [-1, 1]; preprocess_video puts channels before frames.
     video = (2.0 * video - 1.0).permute(1, 0, 2, 3)[None].to(device=vae.device, dtype=vae.dtype)
-    mu = torch.chunk(vae._encode(video), 2, dim=1)[0]
+    mu = torch.chunk(encode_posterior(vae, video), 2, dim=1)[0]
     mean, inv_std = _stats(vae, mu.device)
     latents = ((mu.float() - mean) * inv_std).to(mu)
     return latents.permute(0, 2, 1, 3, 4)

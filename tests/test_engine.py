@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, WanTransformer3DModel
-from diffusers.models.transformers.transformer_anyflow_far import apply_rotary_emb
 
 from streamgen import presets
+from streamgen.diffusers_adapter import apply_rotary_emb
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.engine.attention import StreamingAttnProcessor
 from streamgen.engine.batch import DenoiseRequest, denoise_batch

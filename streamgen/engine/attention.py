@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalAttnProcessor, apply_rotary_emb
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..diffusers_adapter import AnyFlowCausalAttnProcessor, apply_rotary_emb
 from .cache import LayerContext
 from .positions import rotate
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
 
+from .. import diffusers_adapter as adapter
 from ..config import check_steps
 from . import attention
 from .cache import CachedChunk, KVCache, LayerContext, SinkWindow
@@ -276,28 +277,15 @@ class StreamingEngine:
         """One transformer call over `pieces` (compressed ones first); returns the velocity unless writing."""
         model = self.transformer
         self.model_calls += 1
-        tokens = []
-        for piece in pieces:
-            embed = model.far_patch_embedding if piece.compressed else model.patch_embedding
-            tokens.append(embed(piece.latents.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2))
-        hidden = torch.cat(tokens, dim=1)
-        h, w = pieces[0].latents.shape[-2:]
-        patch, down = self.config.patch_size, self.config.compressed_patch_size
-        layout = {
-            "num_full_frames": sum(p.latents.shape[1] for p in pieces if not p.compressed),
-            "full_token_per_frame": (h // patch[1]) * (w // patch[2]),
-            "compressed_token_per_frame": (h // down[1]) * (w // down[2]),
-        }
-        temb, proj, encoder_states, _ = model.condition_embedder(t, r, text.model_input, None, far_cfg=layout)
-        proj = proj.unflatten(2, (6, -1))
+        hidden = torch.cat([adapter.embed(model, p.latents, p.compressed) for p in pieces], dim=1)
+        size = tuple(pieces[0].latents.shape[-2:])
+        full = sum(p.latents.shape[1] for p in pieces if not p.compressed)
+        temb, modulation, text_states = adapter.condition(model, t, r, text.model_input, full, size)
         for block, layer in zip(model.blocks, layers):
-            hidden = block(hidden, encoder_states, proj, freqs, mask, layer, write)
+            hidden = adapter.run_block(block, hidden, text_states, modulation, freqs, mask, layer, write)
         if write:
             return None
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(2)).chunk(2, dim=2)
-        hidden = (model.norm_out(hidden.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(hidden)
-        out = model.proj_out(hidden)
-        return model._unpack_latent_sequence(out, pieces[0].latents.shape[1], h, w, patch[1])
+        return adapter.output_head(model, hidden, temb, pieces[0].latents.shape[1], size)
 
     def _grid(self, latent_size: tuple[int, int], compressed: bool) -> tuple[int, int]:
         """Tokens per frame along height and width at full or compressed resolution."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed
+from ..diffusers_adapter import AnyFlowCausalRotaryPosEmbed, rope_axis_tables
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -55,15 +55,4 @@ def rope_frequencies(
     return torch.view_as_real(angles).float()
 
 
-@lru_cache(maxsize=16)
-def _axis_tables(
-    rope: AnyFlowCausalRotaryPosEmbed, device: torch.device, compressed: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (time, height, width) frequency tables, pooled once per device for compressed tokens."""
-    table = rope._build_freqs(device)
-    head = rope.attention_head_dim
-    parts = table.split_with_sizes([head // 2 - 2 * (head // 6), head // 6, head // 6], dim=1)
-    if compressed:
-        down = [c // p for c, p in zip(rope.compressed_patch_size, rope.patch_size)]
-        parts = [rope.avg_pool_complex(part, kernel_size=k, stride=k) for part, k in zip(parts, down)]
-    return tuple(parts)
+_axis_tables = lru_cache(maxsize=16)(rope_axis_tables)  # per (rope, device, compressed): built once
