@@ -24,6 +24,11 @@ _SCALE = 1000.0  # the scheduler's num_train_timesteps
 # Teacher Euler steps over [0, 1] in distillation targets: stage 1's teacher step is at most 1 / TEACHER_STEPS, and
 # the consistency baseline's grid has as many steps.
 TEACHER_STEPS = 32
+# Latent positions that stand out from their frame's background count this much more in every regression loss:
+# the shapes the captions describe cover ~10% of a world frame's latents, and an unweighted loss left the teacher
+# drawing the background right and the objects at chance (docs/training.md). Same factor as the VAE's pixel loss.
+OBJECT_WEIGHT = 5.0
+_OBJECT_THRESHOLD = 0.4  # of the frame's largest deviation from its median latent
 
 
 @lru_cache(maxsize=64)
@@ -97,6 +102,20 @@ def causal_velocity(
     ).sample
 
 
+def object_weights(x0: torch.Tensor) -> torch.Tensor:
+    """`(B, F, 1, h, w)` loss weights from clean latents `(B, F, C, h, w)`: OBJECT_WEIGHT where a position's mean
+    absolute deviation from its frame's per-channel median exceeds `_OBJECT_THRESHOLD` of the frame's largest, else
+    1. A world frame's flat background sits at the median, its shapes stand out; footage spreads the weight."""
+    deviation = (x0 - x0.flatten(3).median(dim=3).values[..., None, None]).abs().mean(2, keepdim=True)
+    largest = deviation.flatten(3).amax(dim=3)[..., None, None]
+    return 1 + (OBJECT_WEIGHT - 1) * (deviation > _OBJECT_THRESHOLD * largest).float()
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Mean squared error with `object_weights(x0)` (x0: the clean latents of the same frames)."""
+    return (object_weights(x0) * (prediction - target).square()).mean()
+
+
 def teacher_loss(
     teacher: WanTransformer3DModel,
     x0: torch.Tensor,
@@ -133,7 +152,7 @@ def teacher_loss(
     tokens = (x.shape[-2] // cfg.patch_size[1]) * (x.shape[-1] // cfg.patch_size[2])
     timestep = (t * _SCALE).repeat_interleave(tokens, dim=1)
     v = teacher(z.permute(0, 2, 1, 3, 4), timestep, text).sample.permute(0, 2, 1, 3, 4)
-    return F.mse_loss(v[:, context:], (noise - x)[:, context:])
+    return weighted_mse(v[:, context:], (noise - x)[:, context:], x[:, context:])
 
 
 def per_frame(values: torch.Tensor, partition: tuple[int, ...]) -> torch.Tensor:
@@ -199,7 +218,7 @@ def flowmap_loss(
         t, s, r = (_b(x[:, c:]) for x in (t, s, r))
         composed = ((t - s) * velocity + (s - r) * rest) / (t - r).clamp_min(1e-6)
         target = torch.where(t - r > 1e-4, composed, velocity)
-    return F.mse_loss(u, target)
+    return weighted_mse(u, target, x0[:, c:])
 
 
 def flow_matching_loss(
@@ -255,4 +274,4 @@ def consistency_loss(
     estimate = z[:, c:] - _b(t)[:, c:] * causal_velocity(
         model, z, x0, t, zero, text, partition
     )
-    return F.mse_loss(estimate, target)
+    return weighted_mse(estimate, target, x0[:, c:])
