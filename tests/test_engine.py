@@ -15,6 +15,7 @@ from streamgen.engine.attention import StreamingAttnProcessor
 from streamgen.engine.batch import DenoiseRequest, denoise_batch
 from streamgen.engine.positions import rope_frequencies, rotate
 from streamgen.models import load_transformer
+from reference import padded_like_diffusers
 
 PARTITION = [1, 3, 3, 3]
 LATENT = (8, 8)  # 64x64 pixels
@@ -56,13 +57,14 @@ def test_engine_equals_reference_pipeline(reference, components, steps):
         output_type="latent",
         latents=noise.clone(),
     ).frames.permute(0, 2, 1, 3, 4)
-    engine = StreamingEngine(components["transformer"], components["scheduler"], reference_padding=True)
-    got, _ = stream(engine, noise.permute(0, 2, 1, 3, 4), TextCondition(embeds), steps)
+    engine = StreamingEngine(components["transformer"], components["scheduler"])
+    with padded_like_diffusers(engine.transformer):
+        got, _ = stream(engine, noise.permute(0, 2, 1, 3, 4), TextCondition(embeds), steps)
     start = 0
     for frames in PARTITION:  # chunk by chunk, so a failure names the chunk
         torch.testing.assert_close(got[:, start : start + frames], expected[:, start : start + frames], atol=1e-4, rtol=0)
         start += frames
-    # Without the reference's unmasked zero padding the result is a different (correctly masked) computation.
+    # Without diffusers' unmasked zero padding (NVIDIA's own inference) the result is a different computation.
     plain, _ = stream(StreamingEngine(components["transformer"], components["scheduler"]), noise.permute(0, 2, 1, 3, 4), TextCondition(embeds), steps)
     assert (plain - expected).abs().max() > 1e-3
 
@@ -82,8 +84,9 @@ def test_engine_equals_reference_with_guidance(reference, components):
         output_type="latent",
         latents=noise.clone(),
     ).frames.permute(0, 2, 1, 3, 4)
-    engine = StreamingEngine(components["transformer"], components["scheduler"], reference_padding=True)
-    got, _ = stream(engine, noise.permute(0, 2, 1, 3, 4), TextCondition(embeds, negative, 3.0), 2)
+    engine = StreamingEngine(components["transformer"], components["scheduler"])
+    with padded_like_diffusers(engine.transformer):
+        got, _ = stream(engine, noise.permute(0, 2, 1, 3, 4), TextCondition(embeds, negative, 3.0), 2)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 

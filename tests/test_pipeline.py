@@ -13,6 +13,7 @@ from diffusers import AnyFlowFARPipeline
 from streamgen import StreamConfig, StreamingPipeline, presets
 from streamgen.engine import SinkWindow
 from streamgen.media import MediaError
+from reference import padded_like_diffusers
 
 PARTITION = [1, 3, 3, 3]
 CONFIG = StreamConfig(height=64, width=64, steps=2, window=None)
@@ -49,12 +50,8 @@ def reference_frames(pipe, **kwargs):
 def test_t2v_matches_reference_frame_for_frame(pipe):
     noise = torch.randn(1, 16, 10, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = reference_frames(pipe, prompt="a red circle", num_inference_steps=2, latents=noise.clone())
-    pipe.engine.reference_padding = True
-    try:
-        with pipe.start_session("a red circle", window=None) as session:
-            frames = np.concatenate([session.next_chunk(noise=n) for n in chunks_of(noise.permute(0, 2, 1, 3, 4))])
-    finally:
-        pipe.engine.reference_padding = False
+    with padded_like_diffusers(pipe.transformer), pipe.start_session("a red circle", window=None) as session:
+        frames = np.concatenate([session.next_chunk(noise=n) for n in chunks_of(noise.permute(0, 2, 1, 3, 4))])
     assert frames.shape == expected.shape == (37, 64, 64, 3)
     assert np.abs(frames.astype(int) - expected).max() <= 1
 
@@ -64,14 +61,10 @@ def test_v2v_matches_reference(pipe):
     noise = torch.randn(1, 16, 10, 8, 8, generator=torch.Generator().manual_seed(1))
     video = torch.from_numpy(clip).permute(0, 3, 1, 2)[None].float() / 255
     expected = reference_frames(pipe, prompt="a cat", num_inference_steps=2, latents=noise.clone(), video=video)
-    pipe.engine.reference_padding = True
-    try:
-        with pipe.start_session("a cat", window=None, video=clip) as session:
-            assert session.chunk_index == 2 and len(session.context_frames) == 13
-            generated = [session.next_chunk(noise=n) for n in list(chunks_of(noise.permute(0, 2, 1, 3, 4)))[2:]]
-            frames = np.concatenate([session.context_frames, *generated])
-    finally:
-        pipe.engine.reference_padding = False
+    with padded_like_diffusers(pipe.transformer), pipe.start_session("a cat", window=None, video=clip) as session:
+        assert session.chunk_index == 2 and len(session.context_frames) == 13
+        generated = [session.next_chunk(noise=n) for n in list(chunks_of(noise.permute(0, 2, 1, 3, 4)))[2:]]
+        frames = np.concatenate([session.context_frames, *generated])
     assert np.abs(frames.astype(int) - expected).max() <= 1
 
 

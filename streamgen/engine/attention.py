@@ -62,21 +62,24 @@ class StreamingAttnProcessor:
 
         if kv_cache is not None:  # a `LayerContext` (or a batch of them): keys are cached before RoPE
             q = rotate(q, rotary_emb)
-            k, v = kv_cache.with_tokens(k, v, rotary_emb)
-            if kv_cache.reference_padding and not kv_cache_flag:
-                # diffusers pads a chunk's queries to 128 tokens with zero keys/values that, unmasked on its
-                # inference path, take part in the softmax. Reproduced only to compare against it.
-                pad = k.new_zeros(*k.shape[:2], -q.shape[2] % 128, k.shape[3])
-                k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+            k, v = self.keys_values(kv_cache, k, v, rotary_emb, kv_cache_flag)
         elif rotary_emb is not None:
             q, k = apply_rotary_emb(q, rotary_emb["query"]), apply_rotary_emb(k, rotary_emb["key"])
 
         out = attend(q, k, v, attention_mask).transpose(1, 2).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
+    def keys_values(
+        self, context: LayerContext, keys: torch.Tensor, values: torch.Tensor, freqs: torch.Tensor, write: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the computed tokens attend to: the context followed by their own `keys` (rotated) and `values`.
+        `write`: a cache-writing forward (a subclass may attend differently there)."""
+        return context.with_tokens(keys, values, freqs)
 
-def install(transformer: torch.nn.Module) -> None:
-    """Put the streaming processor on every block's self-attention (idempotent)."""
+
+def install(transformer: torch.nn.Module, processor: type[StreamingAttnProcessor] = StreamingAttnProcessor) -> None:
+    """Put `processor` on every block's self-attention (idempotent): the engine's, or a variant of it such as the
+    comparison tests' reproduction of diffusers' padding (`tests/reference.py`)."""
     for block in transformer.blocks:
-        if not isinstance(block.attn1.processor, StreamingAttnProcessor):
-            block.attn1.set_processor(StreamingAttnProcessor())
+        if type(block.attn1.processor) is not processor:
+            block.attn1.set_processor(processor())

@@ -41,8 +41,6 @@ class DenoiseRequest:
 @torch.no_grad()
 def denoise_batch(engine: StreamingEngine, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
     """Denoise every request's chunk; the result's order is the requests'."""
-    if engine.reference_padding:
-        raise ValueError("batching masks padded keys; the reference's unmasked padding cannot be batched")
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, request in enumerate(requests):
         engine._check_latents(request.cache, request.noise, request.text)
@@ -60,8 +58,6 @@ class BatchContext:
     """One layer's context for a batch: each session's cached keys rotated at its own positions, padded to the
     longest, then the chunks' tokens. The sessions still denoising are a prefix of the batch; how many rows a
     call computes says which."""
-
-    reference_padding = False
 
     def __init__(self, layers: list[LayerContext], rows: list[int], longest: int) -> None:
         self.layers, self.rows, self.longest = layers, rows, longest

@@ -15,6 +15,7 @@ changes, a demoted chunk is encoded at compressed resolution, and a prompt switc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +79,7 @@ class CachedChunk:
         return [layer[which][:, :, start:end].clone() for layer in self.cache.storage]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class LayerContext:
     """What one layer's self-attention sees besides the tokens being computed: the cached context's pre-RoPE keys
     and values, and the RoPE table of the context followed by the computed tokens (compact positions).
@@ -89,12 +90,11 @@ class LayerContext:
     keys: torch.Tensor  # (B, heads, L, dim), pre-RoPE
     values: torch.Tensor
     freqs: torch.Tensor  # (1, 1, L + computed tokens, dim / 2, 2): see `positions.rotate`
-    reference_padding: bool = False  # see StreamingEngine(reference_padding=...)
     # The stream's slabs `(B, heads, capacity, dim)` whose first L tokens are `keys`/`values` (bounded policies):
     # the computed tokens are written in place right after the context instead of concatenated.
     room: tuple[torch.Tensor, torch.Tensor] | None = None
-    # After a forward: the context followed by the computed tokens, pre-RoPE (what a cache-writing forward keeps).
-    joined: tuple[torch.Tensor, torch.Tensor] | None = None
+    # A cache-writing forward's: takes the context followed by the computed tokens, pre-RoPE (`KVCache.keep`).
+    keep: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def with_tokens(
         self, keys: torch.Tensor, values: torch.Tensor, freqs: torch.Tensor
@@ -112,7 +112,8 @@ class LayerContext:
             slab_keys[:, :, start:end] = keys
             slab_values[:, :, start:end] = values
             joined = slab_keys[:, :, :end], slab_values[:, :, :end]
-        self.joined = joined
+        if self.keep is not None:
+            self.keep(*joined)
         return rotate(joined[0], self.freqs), joined[1]
 
 
@@ -213,11 +214,15 @@ class KVCache:
             self.storage = [(like.new_empty(shape), like.new_empty(shape)) for _ in range(layers)]
         return self.storage
 
-    def store(self, joined: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """After a cache-writing forward: every retained chunk is encoded, `joined` per layer is the context."""
+    def keep(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """What a cache-writing forward computed for `layer`: its context followed by the encoded chunks' tokens,
+        pre-RoPE, the layer's context from now on. A bounded policy's slabs hold them already (written in place)."""
         if self.policy.capacity is None:
-            self.storage = list(joined)
-        self.length = joined[0][0].shape[2]
+            self.storage[layer : layer + 1] = [(keys, values)]
+
+    def stored(self, length: int) -> None:
+        """After a cache-writing forward: every retained chunk is encoded, the context is `length` tokens."""
+        self.length = length
         self.encoded = len(self.compressed)
 
     def evict(self) -> None:

@@ -14,6 +14,7 @@ blocks and output head; only self-attention gets our processor (`attention.py`).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,14 +106,8 @@ class _Piece:
 class StreamingEngine:
     """Stateless over sessions: each stream's state is its `KVCache`; the engine only owns the model."""
 
-    def __init__(
-        self, transformer: torch.nn.Module, scheduler: FlowMapEulerDiscreteScheduler, reference_padding: bool = False
-    ) -> None:
-        """`reference_padding=True` reproduces a quirk of diffusers' `AnyFlowFARPipeline` bit for bit: its
-        denoising attention also attends to zero keys that pad the chunk to a multiple of 128 tokens. Off by
-        default, because the model is trained with that padding masked out."""
+    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMapEulerDiscreteScheduler) -> None:
         attention.install(transformer)
-        self.reference_padding = reference_padding
         self.transformer = transformer
         self.scheduler = scheduler
         self.config = transformer.config
@@ -232,14 +227,15 @@ class StreamingEngine:
             chunk_ids.append(torch.full((freqs[-1].shape[2],), index, device=self.device))
         ids = torch.cat(chunk_ids)
         prefix = sum(cache.tokens(c) for c in context)
-        layers = self._layers(cache, prefix, torch.cat([self.context_freqs(cache, context), *freqs], dim=2), text)
+        table = torch.cat([self.context_freqs(cache, context), *freqs], dim=2)
+        layers = self._layers(cache, prefix, table, text, write=True)
         visible = torch.ones(len(ids), prefix, dtype=torch.bool, device=self.device)
         mask = torch.cat([visible, ids[:, None] >= ids[None, :]], dim=1)
 
         frames = sum(c.frames for c in chunks)
         zeros = torch.zeros(pieces[0].latents.shape[0], frames, dtype=torch.float64, device=self.device)
         self._forward(layers, pieces, zeros, zeros, text, torch.cat(freqs, dim=2), mask, True)
-        cache.store([layer.joined for layer in layers])
+        cache.stored(prefix + sum(cache.tokens(c) for c in chunks))
 
     def cached(
         self, cache: KVCache, text: TextCondition, prefix: int | None = None
@@ -253,15 +249,20 @@ class StreamingEngine:
         empty = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return [(empty, empty)] * len(self.transformer.blocks)
 
-    def _layers(self, cache: KVCache, prefix: int, table: torch.Tensor, text: TextCondition) -> list[LayerContext]:
+    def _layers(
+        self, cache: KVCache, prefix: int, table: torch.Tensor, text: TextCondition, write: bool = False
+    ) -> list[LayerContext]:
         """Per layer, the first `prefix` context tokens as a forward reads them; `table`: RoPE of the context and
-        of the tokens the forward computes."""
+        of the tokens the forward computes. `write`: the forward's keys and values go into the cache."""
         context = self.cached(cache, text, prefix)
-        slabs = cache.slabs(context[0][0], len(context))
-        if slabs is None:
-            return [LayerContext(k, v, table, self.reference_padding) for k, v in context]
-        padding = self.reference_padding
-        return [LayerContext(k[:, :, :prefix], v[:, :, :prefix], table, padding, (k, v)) for k, v in slabs]
+        slabs = cache.slabs(context[0][0], len(context)) or [None] * len(context)
+        layers = []
+        for index, ((keys, values), room) in enumerate(zip(context, slabs)):
+            keep = functools.partial(cache.keep, index) if write else None
+            if room is not None:
+                keys, values = room[0][:, :, :prefix], room[1][:, :, :prefix]
+            layers.append(LayerContext(keys, values, table, room, keep))
+        return layers
 
     def _forward(
         self,
