@@ -40,7 +40,7 @@ def reference_latencies(pipe: StreamingPipeline, embeds: torch.Tensor, noise: to
         prompt_embeds=embeds,
         height=pipe.config.height,
         width=pipe.config.width,
-        num_frames=4 * (sum(partition) - 1) + 1,
+        num_frames=pipe.latent_scale[0] * (sum(partition) - 1) + 1,
         num_inference_steps=steps,
         chunk_partition=partition,
         output_type="latent",
@@ -83,11 +83,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     p = presets.PRESETS[args.preset]
     pipe = StreamingPipeline(**presets.build(args.preset), config=StreamConfig(height=p.height, width=p.width))
-    partition = [1] + [3] * (args.chunks - 1)
-    latent = (p.height // 8, p.width // 8)
+    partition = pipe.config.partition(args.chunks)
+    scale = pipe.latent_scale[1]
+    latent = (p.height // scale, p.width // scale)
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 32, p.text_dim, generator=gen)
-    noise = torch.randn(1, sum(partition), 16, *latent, generator=gen)
+    noise = torch.randn(1, sum(partition), pipe.transformer.config.in_channels, *latent, generator=gen)
 
     # A shared machine is noisy: each chunk's figure is the fastest of `repeats` runs, alternating the two.
     # The unbounded window sees the reference's context exactly; the bounded one is what a stream runs.

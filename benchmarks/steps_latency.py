@@ -23,10 +23,6 @@ from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 RESULTS = Path(__file__).parent / "results"
 
 
-def partition(pipe: StreamingPipeline, chunks: int) -> list[int]:
-    return [pipe.config.chunk_size(index) for index in range(chunks)]
-
-
 def reference_seconds(pipe: StreamingPipeline, steps: int, chunks: list[int]) -> float:
     """Wall time of diffusers' pipeline for the same video: prompt to frames (the whole run, decode at the end)."""
     reference = pipe.as_reference()
@@ -106,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (None if args.model or (DEFAULT_MODEL / "model_index.json").is_file() else "small")
     pipe, source = bench.load(args.model, preset, args.device)
-    chunks = partition(pipe, args.chunks)
+    chunks = pipe.config.partition(args.chunks)
     budgets = bench.parse_ints(args.steps)
     report = {
         "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),

@@ -6,9 +6,8 @@ import argparse
 import importlib
 import math
 import sys
-from pathlib import Path
 
-from .config import DEFAULT_FPS
+from .config import DEFAULT_FPS, DEFAULT_STEPS
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +48,10 @@ def generate(args: argparse.Namespace) -> int:
 
     from .media import Mp4Writer
 
-    if args.model and (Path(args.model) / "model_index.json").is_file():
-        import json
+    from .models import is_bidirectional
 
-        if json.loads((Path(args.model) / "model_index.json").read_text()).get("_class_name") == "AnyFlowPipeline":
-            return _generate_bidirectional(args)
+    if args.model and is_bidirectional(args.model):
+        return _generate_bidirectional(args)
     pipe = load_pipeline(args)
     extend = {"image": args.image} if args.image else {"video": args.video} if args.video else {}
     if args.context_seconds is not None:
@@ -107,14 +105,14 @@ def _generate_bidirectional(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     pipe = AnyFlowPipeline.from_pretrained(args.model, torch_dtype=default_dtype(device)).to(device)
     frames = 1 + 4 * max(0, math.ceil(args.seconds * DEFAULT_FPS / 4))
+    size = {"height": args.height, "width": args.width}
     video = pipe(
         prompt=args.prompt,
-        height=args.height or 480,
-        width=args.width or 832,
         num_frames=frames,
-        num_inference_steps=args.steps or 4,
+        num_inference_steps=args.steps or DEFAULT_STEPS,
         generator=torch.Generator().manual_seed(args.seed or 0),
         output_type="np",
+        **{name: value for name, value in size.items() if value is not None},  # unset: the pipeline's own
     ).frames[0]
     write_mp4(args.output, (video * 255).round().astype("uint8"), fps=DEFAULT_FPS)
     print(f"wrote {args.output} ({len(video)} frames, bidirectional AnyFlow: rendered whole, not streamed)")

@@ -59,6 +59,15 @@ class StreamConfig:
         """Latent frames in chunk `index` of a stream (the first is an image, the rest are clips)."""
         return self.first_chunk_frames if index == 0 else self.chunk_frames
 
+    def partition(self, chunks: int) -> list[int]:
+        """Latent frames of each of a stream's first `chunks` chunks (diffusers' `chunk_partition`)."""
+        return [self.chunk_size(index) for index in range(chunks)]
+
+    @property
+    def max_chunk_frames(self) -> int:
+        """Latent frames of a stream's largest chunk."""
+        return max(self.first_chunk_frames, self.chunk_frames)
+
     def replace(self, **changes) -> "StreamConfig":
         return replace(self, **changes)
 

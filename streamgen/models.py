@@ -21,8 +21,27 @@ _WAN_KEYS = (
 ).split()
 
 
+# NVIDIA's bidirectional AnyFlow-Wan2.1-T2V, by the class its pipeline or transformer directory names (the file).
+BIDIRECTIONAL = {"model_index.json": "AnyFlowPipeline", "config.json": "AnyFlowTransformer3DModel"}
+
+
 class NotCausalError(ValueError):
     """The directory holds the bidirectional AnyFlow model, which cannot stream."""
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__(
+            f"{directory} holds the bidirectional AnyFlow model, which is not causal and cannot stream; "
+            "`streamgen generate --model` renders it as a whole clip through diffusers' AnyFlowPipeline"
+        )
+
+
+def is_bidirectional(directory: str | Path) -> bool:
+    """Whether a pipeline or transformer directory holds the bidirectional AnyFlow model (the one check)."""
+    for name, bidirectional in BIDIRECTIONAL.items():
+        file = Path(directory) / name
+        if file.is_file() and json.loads(file.read_text()).get("_class_name") == bidirectional:
+            return True
+    return False
 
 
 def transformer_class(directory: str | Path) -> str:
@@ -56,15 +75,12 @@ def load_transformer(
     directory: str | Path, dtype: torch.dtype | None = None
 ) -> AnyFlowFARTransformer3DModel:
     """Load a FAR (student) or Wan (teacher) transformer directory written by `save_pretrained`."""
+    if is_bidirectional(directory):
+        raise NotCausalError(directory)
     name = transformer_class(directory)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if name == "AnyFlowFARTransformer3DModel":
         return AnyFlowFARTransformer3DModel.from_pretrained(directory, **kwargs).eval()
     if name == "WanTransformer3DModel":
         return far_from_wan(WanTransformer3DModel.from_pretrained(directory, **kwargs)).eval()
-    if name == "AnyFlowTransformer3DModel":
-        raise NotCausalError(
-            f"{directory} holds the bidirectional AnyFlow model, which is not causal and cannot stream; "
-            "`streamgen generate --model` renders it as a whole clip through diffusers' AnyFlowPipeline"
-        )
     raise ValueError(f"{directory}: unsupported transformer class {name!r}")

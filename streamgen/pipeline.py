@@ -27,7 +27,7 @@ from .budget import ChunkReport, StepController, Usage
 from .config import StreamConfig, check_steps
 from .engine import SinkWindow, StreamingEngine, TextCondition
 from .engine.batch import DenoiseRequest, denoise_batch
-from .models import load_transformer
+from .models import NotCausalError, is_bidirectional, load_transformer
 from .text import DEFAULT_MAX_SEQUENCE_LENGTH, PromptEncoder
 from .vae import StreamingDecoder, encode_video, to_uint8_frames
 
@@ -118,12 +118,8 @@ class StreamingPipeline:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
-        index = directory / "model_index.json"
-        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "AnyFlowPipeline":
-            raise ValueError(
-                f"{directory} holds the bidirectional AnyFlow model (AnyFlowPipeline), which is not causal and cannot "
-                "stream; `streamgen generate --model` renders it as a whole clip instead"
-            )
+        if is_bidirectional(directory):
+            raise NotCausalError(directory)
         missing = [name for name in COMPONENTS if not (directory / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{directory} lacks pipeline component(s): {', '.join(missing)}")
@@ -132,8 +128,12 @@ class StreamingPipeline:
         stream = json.loads((directory / STREAM_CONFIG).read_text()) if (directory / STREAM_CONFIG).is_file() else {}
         max_sequence_length = stream.pop("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
         example_prompts = stream.pop("example_prompts", [])
+        transformer = load_transformer(directory / "transformer", dtype).to(device)
+        # A stream is chunked as the model was trained, unless our stream config says otherwise.
+        partition = transformer.config.get("chunk_partition") or []
+        stream = dict(zip(("first_chunk_frames", "chunk_frames"), partition[:2])) | stream
         return cls(
-            transformer=load_transformer(directory / "transformer", dtype).to(device),
+            transformer=transformer,
             vae=AutoencoderKLWan.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval(),
             scheduler=FlowMapEulerDiscreteScheduler.from_pretrained(directory / "scheduler"),
             text_encoder=UMT5EncoderModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype).to(device).eval(),
@@ -383,8 +383,8 @@ class Session:
         self.generator = torch.Generator().manual_seed(self.seed)
         t_scale, s_scale = pipe.latent_scale
         self.latent_size = (config.height // s_scale, config.width // s_scale)
-        max_frames = max(config.first_chunk_frames, config.chunk_frames)
-        self.cache = pipe.engine.new_cache(self.latent_size, max_frames, SinkWindow(config.sink, config.window))
+        policy = SinkWindow(config.sink, config.window)
+        self.cache = pipe.engine.new_cache(self.latent_size, config.max_chunk_frames, policy)
         self.decoder = StreamingDecoder(pipe.vae)
         self.chunk_index = 0
         self.frames_generated = 0
