@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from streamgen import bench
+from streamgen import bench, options
 from streamgen.pipeline import StreamingPipeline
 from streamgen.runtime import Runner, Stream
 
@@ -85,17 +85,16 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model")
+    options.add(source, "model")
     source.add_argument("--preset", default="small")
     p.add_argument("--sessions", default="1,2,4")
     p.add_argument("--steps", default="2,4", help="budgets, given to the sessions in turn")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default=None)
+    options.add(p, "device")
     p.add_argument("--out", type=Path, default=RESULTS / "batching_cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    options.add(p, "threads")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     pipe, source = bench.load(args.model, None if args.model else args.preset, args.device)
     budgets = bench.parse_ints(args.steps)
     machine = bench.machine(pipe.device)

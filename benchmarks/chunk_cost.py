@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from streamgen import StreamConfig, StreamingPipeline, presets
+from streamgen import StreamConfig, StreamingPipeline, options, presets
 from streamgen.engine import SinkWindow, TextCondition
 
 INDICES = (1, 4, 8, 16, 32)
@@ -75,10 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--chunks", type=int, default=max(INDICES) + 1)
     parser.add_argument("--repeats", type=int, default=2, help="per chunk, the fastest of this many runs")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    options.add(parser, "threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
 
     torch.set_grad_enabled(False)
     p = presets.PRESETS[args.preset]

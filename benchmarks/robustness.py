@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the corpus is the tests' own media ma
 
 import clips  # noqa: E402
 
+from streamgen import options
 from streamgen.bench import load_average, save_report  # noqa: E402
 from streamgen_client.client import StreamClient  # noqa: E402
 
@@ -294,7 +295,7 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model directory (default: the shipped model)")
+    options.add(parser, "model")
     args = parser.parse_args()
     print("building the corpus...")
     cases = corpus()

@@ -39,7 +39,7 @@ from unittest import mock
 import psutil
 import torch
 
-from streamgen import bench, cli
+from streamgen import bench, cli, options
 from streamgen_client.client import StreamClient, record
 from streamgen_server import app as server_app
 from streamgen_server import rayserve
@@ -236,7 +236,7 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model directory (default: the shipped model)")
+    options.add(parser, "model")
     parser.add_argument("--sessions", default="2,4", help="concurrent sessions per throughput run")
     parser.add_argument("--chunks", type=int, default=6, help="chunks per session")
     parser.add_argument("--rounds", type=int, default=3, help="times round the servers")

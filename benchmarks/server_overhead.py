@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from diffusers import AnyFlowFARPipeline
 
-from streamgen import StreamConfig, StreamingPipeline, presets
+from streamgen import StreamConfig, StreamingPipeline, options, presets
 from streamgen.pipeline import DEFAULT_MODEL
 from streamgen_client.client import StreamClient, record
 from streamgen_server.app import serve_in_thread
@@ -100,15 +100,14 @@ def machine(pipe: StreamingPipeline) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model directory (default: the shipped model, else --preset)")
+    options.add(parser, "model")
     parser.add_argument("--preset", default="small", choices=sorted(presets.PRESETS))
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    options.add(parser, "device")
     parser.add_argument("--steps", type=int, help="flow-map steps per chunk (default: the model's)")
     parser.add_argument("--chunks", type=int, default=6, help="chunks per session")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    options.add(parser, "threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     torch.set_grad_enabled(False)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from streamgen import StreamConfig, StreamingPipeline, bench, presets
+from streamgen import StreamConfig, StreamingPipeline, bench, options, presets
 from streamgen.engine import SinkWindow
 from streamgen.runtime import AUTO, session_bytes
 from streamgen_client.client import StreamClient
@@ -145,7 +145,7 @@ def preset_state(name: str) -> dict:
     with init_empty_weights():  # parameters on the meta device: no memory, no initialisation
         components = presets.build(name)
     for key in ("transformer", "vae", "text_encoder"):
-        bench._cast(components[key], torch.device("meta"), torch.bfloat16)
+        components[key].to(dtype=torch.bfloat16)  # shapes only: every parameter's dtype as served
     p = presets.PRESETS[name]
     pipe = StreamingPipeline(**components, config=StreamConfig(height=p.height, width=p.width))
     config = pipe.config
@@ -236,18 +236,16 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default: the shipped model)")
+    options.add(p, "model")
     p.add_argument("--sessions", default="1,2,4")
     p.add_argument("--chunks", type=int, default=8, help="chunks per recorder")
     p.add_argument("--auto-chunks", type=int, default=16, help="chunks per auto viewer")
     p.add_argument("--target-fps", type=float, default=16.0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each cell, modes interleaved")
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    options.add(p, "device", "threads")
     p.add_argument("--out", type=Path, default=RESULTS / "serving")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     torch.set_grad_enabled(False)
     pipe, source = bench.load(args.model, None, args.device)
     counts = bench.parse_ints(args.sessions)

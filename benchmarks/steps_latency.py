@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from streamgen import bench
+from streamgen import bench, options
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,17 +89,16 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="model directory (default: the shipped model, else --preset small)")
+    options.add(source, "model")
     source.add_argument("--preset")
     p.add_argument("--steps", default="1,2,4,8,16")
     p.add_argument("--chunks", type=int, default=8, help="chunks of the video (8: 85 frames)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    options.add(p, "device")
     p.add_argument("--out", type=Path, default=RESULTS / "steps_latency")
-    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    options.add(p, "threads")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     preset = args.preset or (None if args.model or (DEFAULT_MODEL / "model_index.json").is_file() else "small")
     pipe, source = bench.load(args.model, preset, args.device)
     chunks = pipe.config.partition(args.chunks)

@@ -17,18 +17,19 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ModelMixin
+from diffusers import AnyFlowFARPipeline
 
-from . import presets
+from . import options, presets
 from .config import StreamConfig
 from .engine import attention
-from .pipeline import DEFAULT_MODEL, STAGES, StreamingPipeline, default_device, default_dtype
+from .pipeline import STAGES, StreamingPipeline
 from .runtime import AUTO, MediaChunk, Runner, Stream
 
 PROMPT = "a red fox running through fresh snow, cinematic"
@@ -37,23 +38,14 @@ PERCENTILES = (50, 95, 99)
 
 # -- model and machine ---------------------------------------------------------------------------------------
 def from_preset(name: str, device: str | torch.device | None = None, **stream) -> StreamingPipeline:
-    """A preset's random components on `device`, in the dtype `from_pretrained` would load them in."""
-    device = torch.device(device) if device is not None else default_device()
-    components = presets.build(name)
-    for key in ("transformer", "vae", "text_encoder"):
-        _cast(components[key], device, default_dtype(device))
+    """A preset's random components, loaded as `from_pretrained` loads a checkpoint: on `device`, in its dtype,
+    with the modules diffusers keeps in float32 (timestep embedder, norms, modulation tables) in float32."""
     p = presets.PRESETS[name]
-    return StreamingPipeline(**components, config=StreamConfig(height=p.height, width=p.width, **stream))
-
-
-def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move and cast as `from_pretrained(torch_dtype=...)` loads: diffusers keeps a model's
-    `_keep_in_fp32_modules` (timestep embedder, norms, modulation tables) in float32."""
-    keep = set(model._keep_in_fp32_modules or ()) if isinstance(model, ModelMixin) else set()
-    model.to(device)
-    for name, param in model.named_parameters():
-        if not keep.intersection(name.split(".")):
-            param.data = param.data.to(dtype)
+    with tempfile.TemporaryDirectory() as directory:
+        AnyFlowFARPipeline(**presets.build(name)).save_pretrained(directory)
+        pipe = StreamingPipeline.from_pretrained(directory, device=device)
+    pipe.config = StreamConfig(height=p.height, width=p.width, **stream)
+    return pipe
 
 
 def load(model: str | None, preset: str | None, device: str | None) -> tuple[StreamingPipeline, str]:
@@ -62,11 +54,7 @@ def load(model: str | None, preset: str | None, device: str | None) -> tuple[Str
         raise ValueError("give --model or --preset, not both")
     if preset:
         return from_preset(preset, device), f"preset:{preset}"
-    if model:
-        return StreamingPipeline.from_pretrained(model, device=device), str(model)
-    if not (DEFAULT_MODEL / "model_index.json").is_file():
-        raise FileNotFoundError(f"no default model at {DEFAULT_MODEL}: give --model DIR or --preset NAME")
-    return StreamingPipeline.default(device=device), "default"
+    return StreamingPipeline.load(model, device), str(model) if model else "default"
 
 
 def machine(device: torch.device) -> dict:
@@ -387,7 +375,7 @@ def parse_ints(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamgen bench", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="model directory (diffusers layout); default: the shipped model")
+    options.add(source, "model")
     source.add_argument("--preset", choices=sorted(presets.PRESETS), help="random weights of a preset's shape")
     p.add_argument("--height", type=int, help="video height (default: the model's)")
     p.add_argument("--width", type=int, help="video width (default: the model's)")
@@ -400,16 +388,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     p.add_argument("--markdown", help="write the table and the machine here, as Markdown")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="CPU threads (on a shared CPU, 1 avoids spinning threads' stalls)")
+    options.add(p, "device", "threads")
     return p
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.chunks < 3:
         raise ValueError("--chunks must be at least 3: the first chunk gives the time to first frame, later ones rates")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     pipe, source = load(args.model, args.preset, args.device)
     changes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
     pipe.config = pipe.config.replace(**changes)

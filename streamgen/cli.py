@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import sys
 
+from . import options
 from .config import DEFAULT_FPS, DEFAULT_STEPS
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory (diffusers layout); default: the shipped model")
+    options.add(parser, "model", "device")
     parser.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def byte_size(text: str) -> int:
@@ -34,28 +35,21 @@ def port(text: str) -> int:
     return number
 
 
-def load_pipeline(args: argparse.Namespace):
-    from .pipeline import StreamingPipeline
-
-    if args.model:
-        return StreamingPipeline.from_pretrained(args.model, device=args.device)
-    return StreamingPipeline.default(device=args.device)
-
-
 def generate(args: argparse.Namespace) -> int:
     """Render `--seconds` of video to an MP4, chunk by chunk, with a progress bar."""
     from tqdm import tqdm
 
     from .media import Mp4Writer
-
     from .models import is_bidirectional
+    from .pipeline import StreamingPipeline
 
     if args.model and is_bidirectional(args.model):
         return _generate_bidirectional(args)
-    pipe = load_pipeline(args)
+    pipe = StreamingPipeline.load(args.model, args.device)
     extend = {"image": args.image} if args.image else {"video": args.video} if args.video else {}
     if args.context_seconds is not None:
-        extend["max_context_frames"] = 1 + 4 * max(0, round(args.context_seconds * pipe.config.fps / 4))  # 1 + 4k
+        stride = pipe.latent_scale[0]  # frames per latent frame after the first: clips are 1 + stride * k frames
+        extend["max_context_frames"] = 1 + stride * max(0, round(args.context_seconds * pipe.config.fps / stride))
     shape = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s"
     with tqdm(total=1.0, desc="reading", bar_format=shape, disable=not extend, leave=False) as bar:
 
@@ -117,6 +111,21 @@ def _generate_bidirectional(args: argparse.Namespace) -> int:
     write_mp4(args.output, (video * 255).round().astype("uint8"), fps=DEFAULT_FPS)
     print(f"wrote {args.output} ({len(video)} frames, bidirectional AnyFlow: rendered whole, not streamed)")
     return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`streamgen serve`: the websocket server, or with `--ray` its Ray Serve deployment."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
+    if not args.ray:
+        from streamgen_server import app
+
+        return app.main(args)
+    try:
+        from streamgen_server import rayserve
+    except ImportError as e:
+        raise RuntimeError(f"--ray needs Ray Serve: pip install -e '.[ray]' ({e})") from None
+    return rayserve.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.add_argument("--max-replicas", type=int, help="...to this many")
     ray.add_argument("--address", help="join this Ray cluster ('auto': the one started with `ray start`)")
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
-    serve.set_defaults(run=lambda a: __import__("streamgen_server.app", fromlist=["main"]).main(a))
+    serve.set_defaults(run=serve_command)
 
     # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`.
     delegated = {"bench": "streamgen.bench", "train": "streamgen.training.cli"}

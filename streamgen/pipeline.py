@@ -150,6 +150,11 @@ class StreamingPipeline:
             raise FileNotFoundError(f"the default model is missing at {DEFAULT_MODEL}; run `streamgen train all`")
         return cls.from_pretrained(DEFAULT_MODEL, device=device)
 
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str | torch.device | None = None) -> "StreamingPipeline":
+        """`--model` as every command takes it: a model directory, or None for the shipped model."""
+        return cls.default(device=device) if model is None else cls.from_pretrained(model, device=device)
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write diffusers' `AnyFlowFARPipeline` layout plus our stream defaults (ignored by diffusers)."""
         self.as_reference().save_pretrained(directory)

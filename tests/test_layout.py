@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -35,3 +36,77 @@ def test_the_bidirectional_model_is_recognised_by_one_check(model_dir: Path, tmp
     assert is_bidirectional(bidi)
     with pytest.raises(NotCausalError, match="not causal"):
         load_transformer(bidi)
+
+
+# -- imports only point down -----------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {  # import name -> its folder
+    "streamgen": ROOT / "streamgen",
+    "streamgen_server": ROOT / "server" / "streamgen_server",
+    "streamgen_client": ROOT / "clients" / "python" / "streamgen_client",
+}
+# Layers, bottom up: a module may import its own layer's modules (without cycles) and those of layers below. The
+# `streamgen` command is the top: it wires the library, the server and the training recipe together.
+LAYERS = {
+    "streamgen": 0,  # the library
+    "streamgen.training": 1,
+    "streamgen_server": 1,
+    "streamgen.cli": 2,
+    "streamgen_client": 0,  # talks to the server over the wire only
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            found[".".join((package, *parts)).removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """First-party modules that `name` imports anywhere in it (also inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            # `from package import module` imports the module; `from module import name`, the module
+            targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return {t for t in targets if t in modules and t != name}
+
+
+def _layer(module: str) -> tuple[str, int]:
+    group = max((g for g in LAYERS if module == g or module.startswith(g + ".")), key=len)
+    return group, LAYERS[group]
+
+
+def test_imports_only_point_down() -> None:
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    wrong = []
+    for name, targets in graph.items():
+        group, layer = _layer(name)
+        for target in targets:
+            other, other_layer = _layer(target)
+            if other_layer > layer or (other != group and other_layer == layer and other != "streamgen"):
+                wrong.append(f"{name} -> {target}")
+            elif group == "streamgen_client" and other != group:
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, f"imports that point up or sideways: {wrong}"
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for target in graph[start]:
+            if target in path:
+                return [*path[path.index(target) :], target]
+            if (found := cycle_from(target, [*path, target])) is not None:
+                return found
+        return None
+
+    for name in graph:
+        assert (cycle := cycle_from(name, [name])) is None, f"import cycle: {' -> '.join(cycle)}"

@@ -261,9 +261,7 @@ def limits(args: argparse.Namespace) -> Limits:
 def build(args: argparse.Namespace, replica: str | None = None) -> App:
     """The server `streamgen serve` describes: its model loaded, its limits, token, origins and hosts. Ray Serve
     replicas (`rayserve`) build theirs from the same arguments."""
-    from streamgen.cli import load_pipeline
-
-    pipe = load_pipeline(args)
+    pipe = StreamingPipeline.load(args.model, args.device)
     size = {name: value for name in ("height", "width") if (value := getattr(args, name))}
     pipe.config = pipe.config.replace(**size)  # --height/--width: every session's default
     return App(
@@ -280,15 +278,7 @@ def build(args: argparse.Namespace, replica: str | None = None) -> App:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM (`--ray`: on Ray Serve)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
-    if args.ray:
-        try:
-            from . import rayserve
-        except ImportError as e:
-            raise RuntimeError(f"--ray needs Ray Serve: pip install -e '.[ray]' ({e})") from None
-        return rayserve.main(args)
+    """`streamgen serve`: load the model, print the URL, serve until SIGINT or SIGTERM."""
     app = build(args)
 
     def listening(port: int) -> None:
