@@ -27,7 +27,7 @@ from ..models import far_from_wan, load_transformer
 from ..pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
-from .loop import Run, generator, optimize
+from .loop import EMA, Run, generator, optimize
 from .losses import (
     TEACHER_STEPS,
     causal_velocity,
@@ -228,8 +228,9 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
         "text_encoder",
     )
     teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
-    params = [*teacher.parameters(), *encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    models = torch.nn.ModuleDict({"teacher": teacher, "text_encoder": encoder})
+    optimizer = torch.optim.AdamW(models.parameters(), lr=3e-4, weight_decay=0.01)
+    ema = EMA(models)
 
     def step(i: int) -> dict[str, float]:
         x0, captions = data.batch(
@@ -238,17 +239,18 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
         text = C.encode_captions(tokenizer, encoder, captions)
         loss = teacher_loss(teacher, x0.to(recipe.device), text, generator(i, 1))
         optimize(optimizer, loss)
+        ema.update(models)
         return {"fm": loss.item()}
 
     losses = run.train(
         steps,
-        {"teacher": teacher, "text_encoder": encoder},
+        {"teacher": teacher, "text_encoder": encoder, "ema": ema},
         {"opt": optimizer},
         step,
         minutes=recipe.minutes,
     )
-    teacher.save_pretrained(run.final / "teacher")
-    encoder.save_pretrained(run.final / "text_encoder")
+    ema.average["teacher"].save_pretrained(run.final / "teacher")
+    ema.average["text_encoder"].save_pretrained(run.final / "text_encoder")
     tokenizer.save_pretrained(run.final / "tokenizer")
     return losses
 
@@ -276,6 +278,7 @@ def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
     student = far_from_wan(teacher).to(recipe.device)
     anchor = C.causal_teacher(teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMA(student)
 
     def step(i: int) -> dict[str, float]:
         x0, text, partition, gen = _data_step(
@@ -283,12 +286,13 @@ def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
         )
         loss = flowmap_loss(student, anchor, x0, text, partition, gen)
         optimize(optimizer, loss)
+        ema.update(student)
         return {"flowmap": loss.item()}
 
     losses = run.train(
-        steps, {"student": student}, {"opt": optimizer}, step, minutes=recipe.minutes
+        steps, {"student": student, "ema": ema}, {"opt": optimizer}, step, minutes=recipe.minutes
     )
-    student.save_pretrained(run.final / "transformer")
+    ema.average.save_pretrained(run.final / "transformer")
     return losses
 
 
@@ -301,6 +305,7 @@ def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
     teacher = C.causal_teacher(load_teacher(recipe))
     model = copy.deepcopy(teacher).requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMA(model)  # what it ships, as stage 1; its targets use the model itself (iCT)
     grid = _sigmas(teacher, TEACHER_STEPS)
 
     def step(i: int) -> dict[str, float]:
@@ -309,12 +314,13 @@ def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
         )
         loss = consistency_loss(model, teacher, x0, text, partition, gen, grid)
         optimize(optimizer, loss)
+        ema.update(model)
         return {"cd": loss.item()}
 
     losses = run.train(
-        steps, {"model": model}, {"opt": optimizer}, step, minutes=recipe.minutes
+        steps, {"model": model, "ema": ema}, {"opt": optimizer}, step, minutes=recipe.minutes
     )
-    model.save_pretrained(run.final / "transformer")
+    ema.average.save_pretrained(run.final / "transformer")
     return losses
 
 
