@@ -83,7 +83,7 @@ def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) ->
             while not any(m.get("count") == WATCHERS for m in events(owned, "viewers")):  # the owner is told
                 owned.append(await owner.recv())
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
-            assert f"streamgen_viewers {WATCHERS}" in metrics.splitlines()
+            assert f"streamgen_viewers {float(WATCHERS)}" in metrics.splitlines()  # prometheus_client's format
             watched = await asyncio.gather(*viewers)
             for _ in range(4):  # the owner's media for every chunk a viewer may have seen
                 while not isinstance(owned[-1], bytes):

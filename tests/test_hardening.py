@@ -89,7 +89,7 @@ def test_only_the_hosts_the_server_is_reachable_as_are_served(pipe: StreamingPip
             assert status == 200, host
         status, _, _ = http(server, "GET /ws HTTP/1.1", upgrade(server, f"streamgen.lan:{port}", ("Origin", f"http://streamgen.lan:{port}")))
         assert status == 101
-        assert server.app.metrics.errors["forbidden_host"] == 4
+        assert server.app.metrics.value("errors_total", code="forbidden_host") == 4
 
 
 # -- 5. slot hogging -------------------------------------------------------------------------------------------

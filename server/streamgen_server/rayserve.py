@@ -18,7 +18,6 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 
 import ray
 import torch
@@ -66,7 +65,7 @@ class ReplicaAsgi(AsgiApp):
         gauges: dict[str, Gauge] = {}
         tags = {"replica": self.app.replica}
         while True:
-            for name, help_text, labels, value in _samples(self.app.metrics.render()):
+            for name, help_text, labels, value in self.app.metrics.samples():
                 if name not in gauges:
                     gauges[name] = Gauge(name, help_text, tag_keys=("replica", *labels))
                 gauges[name].set(value, tags | labels)
@@ -82,21 +81,6 @@ class ReplicaAsgi(AsgiApp):
             await asyncio.sleep(DRAIN_POLL_SECONDS)
         log.info("replica %s is stopping: draining %d connections", self.app.replica, len(self.app.connections))
         await self.shutdown()
-
-
-def _samples(text: str) -> Iterator[tuple[str, str, dict[str, str], float]]:
-    """(name, help, labels, value) of each sample of a Prometheus text exposition (ours: `Metrics.render`)."""
-    helps: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name, _, help_text = line.removeprefix("# HELP ").partition(" ")
-            helps[name] = help_text
-        elif line and not line.startswith("#"):
-            sample, _, value = line.rpartition(" ")
-            name, _, labels = sample.partition("{")
-            pairs = (pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
-            family = name if name in helps else next((f for f in helps if name.startswith(f)), name)  # _bucket...
-            yield name, helps.get(family, ""), {key: raw.strip('"') for key, raw in pairs}, float(value)
 
 
 def _stopping(replica: ReplicaContext) -> bool:
