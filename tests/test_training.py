@@ -224,3 +224,27 @@ def test_default_model_beats_untrained_weights_of_its_shape(one_thread):
         and trained.prompts.max_sequence_length == C.MAX_SEQUENCE_LENGTH
     )
     assert _stream_score(trained, prompts) > _stream_score(untrained, prompts)
+
+
+def test_ema_averages_weights_and_resumes_without_one(tmp_path):
+    from streamgen.training.loop import EMA, Run
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 1/10): the average moves 90% of the way
+    assert torch.allclose(ema.average.weight, start + 0.9)
+    for _ in range(50):
+        ema.update(model)
+    assert torch.allclose(ema.average.weight, model.weight, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.average.parameters())
+
+    # A checkpoint written before the stage had an average resumes; the average starts from what it was given.
+    run = Run(tmp_path, "stage")
+    run._save(7, {"model": model}, {})
+    fresh = EMA(torch.nn.Linear(3, 2))
+    given = fresh.average.weight.detach().clone()
+    assert run._resume({"model": torch.nn.Linear(3, 2), "ema": fresh}, {}) == 7
+    assert torch.equal(fresh.average.weight, given) and int(fresh.updates) == 0
