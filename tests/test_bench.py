@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from streamgen import bench
@@ -25,6 +26,14 @@ def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys):
         assert set(latency) == {"transformer", "cache", "decode", "encode", "total"}
         assert latency["total"]["p50"] <= latency["total"]["p95"] <= latency["total"]["p99"]
         assert [c["steps"] for c in row["chunks"]] == [row["steps"]] * 3
+        # The figures are the chunks' own records, summarised: recomputed here from them.
+        chunks, later = row["chunks"], row["chunks"][1:]
+        assert [c["frames"] for c in chunks] == [1, 12, 12]  # the first latent frame decodes to one video frame
+        assert row["time_to_first_frame_s"] == chunks[0]["ready"]
+        assert row["fps"] == pytest.approx(24 / (chunks[-1]["ready"] - chunks[0]["ready"]))
+        totals = [1000 * sum(c[stage] for stage in ("transformer", "cache", "decode", "encode")) for c in later]
+        assert latency["total"]["p50"] == pytest.approx(float(np.median(totals)))
+        assert latency["decode"]["p99"] == pytest.approx(1000 * float(np.percentile([c["decode"] for c in later], 99)))
     phases = report["adaptive"]["phases"]
     assert [p["sessions"] for p in phases] == [1, 2] and all(p["steps_min"] >= 1 for p in phases)
     assert len(phases[1]["fps_per_session"]) == 2
@@ -37,3 +46,17 @@ def test_bench_needs_a_model_and_enough_chunks(tmp_path):
         bench.main(["--preset", "tiny", "--chunks", "2", "--device", "cpu"])
     with pytest.raises(SystemExit):  # argparse: --model and --preset exclude each other
         bench.main(["--preset", "tiny", "--model", str(tmp_path)])
+
+
+def test_delivery_figures_on_a_known_stream():
+    """Three 12-frame chunks after the first at 16 fps have 0.75 s each: one on time, one late, one early."""
+    ready = [0.25, 1.0, 1.875, 2.375]  # gaps 0.75 (on time: not later than the deadline), 0.875 (late), 0.5
+    chunks = [{"ready": t, "frames": 1 if i == 0 else 12, "transformer": 0.25} for i, t in enumerate(ready)]
+    got = bench.delivery(chunks, fps=16)
+    assert got["fps"] == pytest.approx(36 / 2.125)
+    assert got["realtime_ratio"] == pytest.approx(36 / 2.125 / 16)
+    assert got["deadline_miss_rate"] == pytest.approx(1 / 3)
+    assert got["transformer_fps"] == pytest.approx(36 / 0.75)
+    assert bench.percentiles([0.1, 0.2, 0.3]) == pytest.approx({"p50": 200.0, "p95": 290.0, "p99": 298.0})
+    with pytest.raises(ValueError, match="two chunks"):
+        bench.delivery(chunks[:1], fps=16)
