@@ -9,16 +9,19 @@ chunk, run as separate groups), commits each stream's cache, then decodes and H.
 one `MediaChunk` per stream. A stream's frames are the same batched as alone (`tests/test_runtime.py`).
 
 The two halves of a turn are separate calls (`denoise`, then `deliver` per chunk) so that a server may decode
-and encode one turn's chunks while the next turn denoises. Memory is admitted as an LLM server budgets KV blocks:
-a stream's most bytes (its cache's capacity and its decoder's state) are known before it opens, and a stream is
-admitted only while the sum fits the runner's budget.
+and encode one turn's chunks while the next turn denoises. A control change (`Stream.set_prompt`, `set_budget`)
+that arrives while a stream's chunk is being denoised does not wait for the next chunk: the chunk is dropped before
+it is committed and denoised again under the change, from the same noise, in the same turn.
+
+Memory is admitted as an LLM server budgets KV blocks: a stream's most bytes (its cache's capacity and its decoder's
+state) are known before it opens, and a stream is admitted only while the sum fits the runner's budget.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -63,7 +66,9 @@ class Stream:
     """One stream as the runner sees it: what was asked for (prompt, seed, budget, an image or clip to extend),
     its library session and H.264 encoder once open, and its timeline.
 
-    Changes (`pending_prompt` and `pending_transition`, `set_budget`) take effect at the stream's next chunk."""
+    Changes (`set_prompt`, `set_budget`) take effect at the chunk being denoised when they arrive (it is made again
+    under them, see `Runner.denoise`), else at the next one. A driver may make them from another thread than the
+    runner's."""
 
     def __init__(
         self,
@@ -78,11 +83,11 @@ class Stream:
     ) -> None:
         self.prompt = prompt
         self.seed = seed  # None: the session draws one
+        self.changes = 0  # control changes so far: a chunk denoised while one arrived is made again
         self.set_budget(steps, target_fps)
         self.image, self.video = image, video  # handed to the session when it opens, then dropped
         self.keep_input = keep_input  # show the image or clip itself, not its reconstruction (`start_session`)
-        self.pending_prompt: str | None = None  # applied before the next chunk...
-        self.pending_transition = 0  # ...blended in over this many chunks (`Session.set_prompt`)
+        self._prompts: deque[tuple[str, int]] = deque(maxlen=1)  # (prompt, transition) to apply; the latest wins
         self.session: Session | None = None
         self.encoder: FragmentedMp4Encoder | None = None
         self.reserved = 0  # bytes the runner holds for this stream while it is admitted
@@ -96,6 +101,20 @@ class Stream:
         if target_fps is not None and not target_fps > 0:
             raise ValueError(f"target_fps must be positive, got {target_fps}")
         self.steps, self.target_fps = steps, target_fps
+        self.changes += 1
+
+    def set_prompt(self, prompt: str, transition: int = 0) -> None:
+        """Follow `prompt` from the next chunk denoised, blended in over `transition` chunks (`Session.set_prompt`)."""
+        self._prompts.append((prompt, transition))
+        self.changes += 1
+
+    def _apply_prompt(self) -> None:
+        """On the runner's thread: the latest prompt asked for, if any, to the session."""
+        try:
+            prompt, transition = self._prompts.popleft()
+        except IndexError:
+            return
+        self.session.set_prompt(prompt, transition=transition)
 
     @property
     def auto(self) -> bool:
@@ -137,6 +156,42 @@ class Stream:
             self.encoder.flush()
             self.encoder = None
         self.image = self.video = None
+
+
+@dataclass
+class _Plan:
+    """A stream's chunk as planned for a turn (`Session._begin`), and the session state planning it changed, so that
+    it can be planned again (`Runner.denoise`) as if the plan had never been made."""
+
+    stream: Stream
+    changes: int  # the stream's control changes when it was planned
+    first: bool
+    steps: int
+    noise: torch.Tensor
+    transition: dict[str, Any] | None  # `MediaChunk.transition`
+    rewind: tuple[torch.Tensor, Any, Any, int]  # noise generator state, text condition, transition and its progress
+
+    @classmethod
+    def make(cls, stream: Stream) -> _Plan:
+        changes = stream.changes  # read first: a change that comes while the plan is made is not missed
+        stream._apply_prompt()
+        session = stream.session
+        blend = session.transition
+        rewind = (session.generator.get_state(), session.text, blend, blend.done if blend is not None else 0)
+        first = session.chunk_index == 0
+        steps, noise = session._begin(stream._budget(), None, "np")
+        blend = session.transition
+        transition = {"from": blend.source_prompt, "weight": blend.weight} if blend is not None else None
+        return cls(stream, changes, first, steps, noise, transition, rewind)
+
+    def remake(self) -> _Plan:
+        """The plan again, under the stream's controls now: the same noise, the prompt and steps changed since."""
+        session = self.stream.session
+        state, session.text, session.transition, done = self.rewind
+        if session.transition is not None:
+            session.transition.done = done
+        session.generator.set_state(state)
+        return _Plan.make(self.stream)
 
 
 @dataclass
@@ -202,28 +257,42 @@ class Runner:
 
     def denoise(self, streams: list[Stream]) -> list[Denoised]:
         """The first half of a turn: each open stream's next chunk denoised, batched with the others of its shape
-        (one transformer call per step per group), and committed to its cache."""
-        plans: dict[tuple[int, ...], list[tuple[Stream, bool, tuple[int, torch.Tensor]]]] = {}
-        for stream in streams:
-            session = stream.session
-            if stream.pending_prompt is not None:
-                prompt, stream.pending_prompt = stream.pending_prompt, None
-                session.set_prompt(prompt, transition=stream.pending_transition)
-            first = session.chunk_index == 0
-            plan = session._begin(stream._budget(), None, "np")
-            blend = session.transition
-            transition = {"from": blend.source_prompt, "weight": blend.weight} if blend is not None else None
-            plans.setdefault(tuple(plan[1].shape[1:]), []).append((stream, first, plan, transition))
+        (one transformer call per step per group), and committed to its cache.
+
+        A stream whose controls changed while its chunk was denoised gets that chunk dropped (it was never committed,
+        decoded or sent) and denoised again under the change from the same noise: the chunk the change would have
+        given had it come before the turn, sooner than waiting for the next chunk, at the cost of one more denoise.
+        Once per turn, so that a flood of changes cannot hold the turn."""
+        results = self._denoise([_Plan.make(stream) for stream in streams])
+        changed = [i for i, (plan, *_) in enumerate(results) if plan.stream.changes != plan.changes]
+        if changed:
+            redone = self._denoise([results[i][0].remake() for i in changed])
+            for i, (plan, z, seconds, share, batch) in zip(changed, redone):
+                _, _, spent, spent_share, _ = results[i]  # the dropped chunk's time counts too
+                results[i] = (plan, z, spent + seconds, spent_share + share, batch)
         denoised = []
-        for group in plans.values():
-            sessions = [stream.session for stream, *_ in group]
-            latents, seconds, shares = self.pipe.denoise(sessions, [plan for _, _, plan, _ in group])
-            self.batch_sizes[len(group)] += 1
-            for (stream, first, (steps, _), transition), z, share in zip(group, latents, shares):
-                timing = stream.session._commit(z, seconds)
-                prompt = stream.session.prompt
-                denoised.append(Denoised(stream, z, steps, timing, share, len(group), first, prompt, transition))
+        for plan, z, seconds, share, batch in results:
+            session = plan.stream.session
+            timing = session._commit(z, seconds)
+            denoised.append(
+                Denoised(plan.stream, z, plan.steps, timing, share, batch, plan.first, session.prompt, plan.transition)
+            )
         return denoised
+
+    def _denoise(self, plans: list[_Plan]) -> list[tuple[_Plan, torch.Tensor, float, float, int]]:
+        """Each plan's chunk denoised, batched with the others of its shape: (plan, latents, seconds the call took,
+        the stream's share of them, chunks in the call), in the plans' order."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault(tuple(plan.noise.shape[1:]), []).append(i)
+        results: list = [None] * len(plans)
+        for group in groups.values():
+            sessions = [plans[i].stream.session for i in group]
+            latents, seconds, shares = self.pipe.denoise(sessions, [(plans[i].steps, plans[i].noise) for i in group])
+            self.batch_sizes[len(group)] += 1
+            for i, z, share in zip(group, latents, shares):
+                results[i] = (plans[i], z, seconds, share, len(group))
+        return results
 
     def deliver(self, chunk: Denoised) -> MediaChunk:
         """The second half: decode and encode a denoised chunk, and account its time to the stream's budget."""

@@ -190,8 +190,7 @@ class Connection:
             case Stop():
                 self.scheduler.close(self._require(), "client")
             case SetPrompt(prompt=prompt, transition=transition):
-                stream = self._require()
-                stream.pending_prompt, stream.pending_transition = prompt, transition
+                self._require().set_prompt(prompt, transition)
             case SetSteps(steps=steps, target_fps=target_fps):
                 self._require().set_budget(steps, target_fps)
             case Pause() | Resume():
