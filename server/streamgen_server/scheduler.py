@@ -38,12 +38,10 @@ log = logging.getLogger(__name__)
 # A paced (realtime) stream runs ahead of its viewer's playback by its lead: the time its chunks have lately taken
 # from being due to being encoded (generation, waiting for a turn, and their jitter), plus a frame. Enough buffer
 # for smooth playback and no more, since a prompt or step change shows only after what is buffered: small on a
-# steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is also the lead before any is measured.
+# steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is also the lead until the first chunk
+# after the stream's 1-frame opening one is measured.
 PACE_LEAD_SECONDS = 1.0
 LEAD_WINDOW = 16  # the latest chunks whose production times set the lead
-# A paced stream due within this much joins the turn about to run, so that streams paced at the same rate share
-# batched calls instead of drifting into turns of their own; it runs at most this much further ahead.
-BATCH_JOIN_SECONDS = PACE_LEAD_SECONDS / 2
 
 __all__ = ["PACE_LEAD_SECONDS", "MediaChunk", "Scheduler", "ServedStream"]
 
@@ -90,7 +88,7 @@ class ServedStream(Stream):
     @property
     def lead(self) -> float:
         """How far ahead of playback this stream is generated: see PACE_LEAD_SECONDS."""
-        if len(self._production) < 2:
+        if not self._production:
             return PACE_LEAD_SECONDS
         return min(PACE_LEAD_SECONDS, max(self._production) + 1 / self.session.fps)
 
@@ -187,6 +185,7 @@ class Scheduler:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgen-worker")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgen-encoder") if overlap else None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._turn_seconds = 0.0  # how long the latest turn held the worker
 
     @property
     def active(self) -> int:
@@ -264,6 +263,7 @@ class Scheduler:
             opening = streams[0].session is None
             job = partial(self.runner.open, streams[0]) if opening else partial(self.runner.denoise, streams)
             self._running.update(streams)
+            began = time.monotonic()
             try:
                 result = await loop.run_in_executor(self._worker, job)
             except Exception as e:  # noqa: BLE001 - any failure ends these streams, never the server
@@ -283,9 +283,14 @@ class Scheduler:
                 task = asyncio.create_task(self._deliver(result, self._encoder))
                 self._deliveries.add(task)
                 task.add_done_callback(self._deliveries.discard)
+            self._turn_seconds = time.monotonic() - began
 
     async def _next(self) -> list[ServedStream]:
-        """A stream to open, or the streams ready for a turn (with paced ones due soon); sleeps until there are."""
+        """A stream to open, or the streams ready for a turn; sleeps until there are.
+
+        A paced stream that will be due before this turn ends joins it (it would otherwise wait for the worker until
+        then and be late): streams paced at the same rate share batched calls instead of drifting into turns of their
+        own, and none is made earlier than the wait it saves. How long the turn takes is the latest one's time."""
         while True:
             self._wake.clear()
             now = time.monotonic()
@@ -294,7 +299,7 @@ class Scheduler:
             if opening is not None:
                 return [opening]
             if any(delay <= 0 for delay, _ in delays):
-                ready = [stream for delay, stream in sorted(delays, key=lambda d: d[0]) if delay <= BATCH_JOIN_SECONDS]
+                ready = [stream for d, stream in sorted(delays, key=lambda d: d[0]) if d <= self._turn_seconds]
                 turn = ready[: self.max_batch]
                 for stream in turn:  # to the back of the line
                     self._active.remove(stream)
@@ -315,9 +320,33 @@ class Scheduler:
             stream.put(context, time.monotonic())
 
     async def _deliver(self, denoised: list[Denoised], executor: ThreadPoolExecutor) -> None:
-        """Decode and encode a turn's chunks as one job, so that each stream's chunks stay in order."""
-        results = await asyncio.get_running_loop().run_in_executor(executor, self._deliver_all, denoised)
-        for chunk, result in zip(denoised, results):
+        """Decode and encode a turn's chunks as one job on the executor's one thread, so that each stream's chunks
+        stay in order. A live viewer's chunk is handed to its connection as soon as it is encoded, not when the whole
+        turn is (its pacing keeps it in step with the others); a recorder's when the job ends, so that the turn's
+        recorders become ready together and keep sharing batched calls."""
+        loop = asyncio.get_running_loop()
+        self._delivered(await loop.run_in_executor(executor, self._deliver_all, denoised, loop))
+
+    def _deliver_all(
+        self, denoised: list[Denoised], loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[Denoised, MediaChunk | Exception | None]]:
+        """On the executor: every chunk decoded and encoded; the viewers' handed over at once, the rest returned."""
+        later = []
+        for chunk in denoised:
+            try:  # a stream whose client left is skipped: its memory is freed next
+                result = None if chunk.stream.closed else self.runner.deliver(chunk)
+            except Exception as e:  # noqa: BLE001 - any failure ends this stream, never the others
+                result = e
+            if chunk.stream.request.realtime:
+                loop.call_soon_threadsafe(self._delivered, [(chunk, result)])
+            else:
+                later.append((chunk, result))
+        return later
+
+    def _delivered(self, results: list[tuple[Denoised, MediaChunk | Exception | None]]) -> None:
+        """On the loop: delivered chunks to their streams (or their failures), then the scheduler told once, so that
+        it sees every one of them (and their clients' reading) before it plans a turn."""
+        for chunk, result in results:
             stream = chunk.stream
             stream.in_flight -= 1
             if isinstance(result, Exception):
@@ -327,18 +356,6 @@ class Scheduler:
             else:
                 stream.put(result, time.monotonic())
         self._wake.set()
-
-    def _deliver_all(self, denoised: list[Denoised]) -> list[MediaChunk | Exception | None]:
-        results: list[MediaChunk | Exception | None] = []
-        for chunk in denoised:
-            if chunk.stream.closed:  # its client left: skip the work, its memory is freed next
-                results.append(None)
-                continue
-            try:
-                results.append(self.runner.deliver(chunk))
-            except Exception as e:  # noqa: BLE001 - reported per stream by `_deliver`
-                results.append(e)
-        return results
 
     def _started(self, stream: ServedStream) -> dict[str, Any]:
         config = stream.session.config
