@@ -4,8 +4,10 @@ number), prompt transitions, and the page in viewer mode. Tiny model, loopback, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,9 +18,10 @@ from test_browser import WAIT_MS, chromium, page  # noqa: F401 - fixtures
 
 from streamgen import StreamingPipeline
 from streamgen.pipeline import ChunkTiming
+from streamgen.runtime import Runner, Stream
 from streamgen_server.app import serve_in_thread
-from streamgen_server.protocol import Start
-from streamgen_server.scheduler import LEAD_WINDOW, PACE_LEAD_SECONDS, MediaChunk, ServedStream
+from streamgen_server.protocol import Limits, Start
+from streamgen_server.scheduler import LEAD_WINDOW, PACE_LEAD_SECONDS, MediaChunk, Scheduler, ServedStream
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -130,7 +133,9 @@ def test_the_pacing_lead_follows_measured_production_times() -> None:
 
     now = produce(0, 0.05)  # the first chunk, 1 frame, has no due time: not measured
     assert stream.lead == PACE_LEAD_SECONDS
-    for index, seconds in enumerate([0.2, 0.3, 0.25], 1):
+    now = produce(1, 0.2)  # measured from the next one on: a stream does not start a second ahead of its viewer
+    assert stream.lead == pytest.approx(0.2 + 1 / 16)
+    for index, seconds in enumerate([0.3, 0.25], 2):
         now = produce(index, seconds)
     assert stream.lead == pytest.approx(0.3 + 1 / 16)
     stream.pause(True, now)
@@ -140,3 +145,97 @@ def test_the_pacing_lead_follows_measured_production_times() -> None:
     for index in range(5, 5 + LEAD_WINDOW):
         produce(index, 3.0)  # a loaded machine: the lead grows, up to its cap
     assert stream.lead == PACE_LEAD_SECONDS
+
+
+def change_while_denoising(pipe, monkeypatch, stream: Stream, change) -> None:  # noqa: F811
+    """Make `change(stream)` once, while the transformer denoises a turn with `stream` in it."""
+    denoise, pending = pipe.denoise, [change]
+
+    def denoising(sessions, plans):
+        result = denoise(sessions, plans)
+        if pending and stream.session in sessions:
+            pending.pop()(stream)
+        return result
+
+    monkeypatch.setattr(pipe, "denoise", denoising)
+
+
+def test_a_change_during_a_denoise_remakes_that_chunk_under_it(pipe, monkeypatch) -> None:  # noqa: F811
+    """A prompt change that arrives while a chunk is denoised: the chunk is dropped before it is committed and made
+    again, in the same turn, under the change and from the same noise, i.e. the very chunk the change gives when it
+    comes before the turn. The stream batched with it is not disturbed."""
+    runner = Runner(pipe)
+    changed, told = (Stream("a red ball", seed=7, steps=2) for _ in range(2))
+    other = Stream("a green cone", seed=8, steps=2)
+    for stream in (changed, told, other):
+        runner.open(stream)
+        runner.turn([stream])  # the 1-frame first chunk
+    told.set_prompt("a blue cube")  # before its turn
+    expected = runner.denoise([told])[0]
+    calls = sum(runner.batch_sizes.values())
+    change_while_denoising(pipe, monkeypatch, changed, lambda stream: stream.set_prompt("a blue cube"))
+    chunk, beside = runner.denoise([changed, other])
+    assert (chunk.stream, beside.stream) == (changed, other)
+    assert chunk.prompt == "a blue cube" and beside.prompt == "a green cone"
+    assert sum(runner.batch_sizes.values()) == calls + 2  # the batched call, then the chunk made again
+    torch.testing.assert_close(chunk.latents, expected.latents, rtol=0, atol=1e-6)
+    assert not torch.allclose(beside.latents, chunk.latents)
+    assert changed.session.chunk_index == 2  # committed once: the dropped chunk never reached the cache
+    assert chunk.timing.transformer > expected.timing.transformer / 4  # both denoises are its time
+    media = runner.deliver(chunk)
+    assert (media.index, media.first_frame, media.prompt) == (1, 1, "a blue cube")
+
+
+def test_a_step_change_during_a_transition_remakes_the_chunk_at_the_same_blend(pipe, monkeypatch) -> None:  # noqa: F811
+    """Made again, a chunk is planned as if its first plan had never been made: its transition is not advanced twice
+    and its noise is the same."""
+    runner = Runner(pipe)
+    changed, told = (Stream("a red ball", seed=3, steps=2) for _ in range(2))
+    for stream in (changed, told):
+        runner.open(stream)
+        runner.turn([stream])
+        stream.set_prompt("a blue cube", transition=2)
+    told.set_budget(1)
+    expected = runner.denoise([told])[0]
+    change_while_denoising(pipe, monkeypatch, changed, lambda stream: stream.set_budget(1))
+    chunk = runner.denoise([changed])[0]
+    assert (chunk.steps, chunk.transition) == (1, {"from": "a red ball", "weight": 0.5})
+    torch.testing.assert_close(chunk.latents, expected.latents, rtol=0, atol=1e-6)
+    runner.deliver(chunk)
+    assert runner.turn([changed])[0].transition == {"from": "a red ball", "weight": 1.0}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_viewers_chunk_goes_out_before_the_rest_of_its_turn_is_encoded(pipe, overlap: bool) -> None:  # noqa: F811
+    """Two live viewers' first chunks share a turn: the first's is handed to its connection while the second's is
+    being decoded and encoded, not once the whole turn is. Two recorders' are handed over together (in step)."""
+
+    async def handed_while_the_next_is_encoded(realtime: bool) -> bool:
+        scheduler = Scheduler(pipe, max_active=2, limits=Limits(), overlap=overlap)
+        first, second = (scheduler.open(Start(f"stream {i}", realtime=realtime), None) for i in range(2))
+        deliver, delivered, handed = scheduler.runner.deliver, scheduler._delivered, threading.Event()
+        answer: list[bool] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def observe_delivered(results) -> None:
+            delivered(results)
+            if any(chunk.stream is first for chunk, _ in results):
+                handed.set()
+
+        def observe_deliver(chunk):  # on the decoding thread
+            if chunk.stream is second:  # a viewer's is handed over at once; a recorder's cannot be while this runs
+                answer.append(handed.wait(30 if realtime else 0))
+                loop.call_soon_threadsafe(done.set)
+            return deliver(chunk)
+
+        scheduler._delivered, scheduler.runner.deliver = observe_delivered, observe_deliver
+        running = asyncio.create_task(scheduler.run())
+        await asyncio.wait_for(done.wait(), 60)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await scheduler.shutdown()
+        return answer[0]
+
+    assert asyncio.run(handed_while_the_next_is_encoded(realtime=True))
+    assert not asyncio.run(handed_while_the_next_is_encoded(realtime=False))
