@@ -1,9 +1,9 @@
 """What a person feels: control-to-screen latency of the live page, in a real headless Chromium on a real server.
 
-Each page is the shipped web player (`server/streamgen_server/web/`), driven from inside the page so that every time is read on
-the page's own clock. Per page session: Start is pressed (first-frame latency: press -> first frame displayed),
-then controls are sent at random moments of the chunk cycle, alternately a new prompt and a new step count. Per
-change: *arrive* = send -> the first media of the first chunk made under the change reaches the page; *display* =
+Each page is the shipped web player (`server/streamgen_server/web/`), driven from inside the page so that every
+time is read on the page's own clock. Per page session: Start is pressed (first-frame latency: press -> first frame
+displayed), then controls are sent at random moments of the chunk cycle, alternately a new prompt and a new step
+count. Per change: *arrive* = send -> the first media of the first chunk made under the change reaches the page; *display* =
 send -> the page displays that chunk's first frame (the page reports each displayed frame's number:
 `player.displayed`). With n sessions, n pages run at once, one session each.
 
@@ -13,13 +13,17 @@ machine's load (a shared CPU's load moves by the minute): the page's WebCodecs p
 replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds). "webcodecs+measured" is what the page and
 server do now; "mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the WebCodecs
 player catches up with the live edge after a stall (the page before issue 14 did not: its own run, on its commit,
-is `interaction_before.json`).
+is `interaction_before.json`). The server overlaps decoding with denoising as `streamgen serve` does
+(`--no-overlap`: as `streamgen serve --no-overlap`).
 
     OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--rounds 3] [--changes 4]
 
+Older code is measured with this script by putting that code first on the path, e.g. for commit c54ab6b:
+`git archive c54ab6b | tar -x -C /tmp/c54ab6b` and `PYTHONPATH=/tmp/c54ab6b:/tmp/c54ab6b/server python
+benchmarks/interaction.py --out benchmarks/results/interaction_c54ab6b`.
+
 Needs Playwright (Python package) and Debian's Chromium at /usr/bin/chromium (never `playwright install`).
-Results: benchmarks/results/interaction.json and interaction.md (with the run of the code before issue 14,
-interaction_before.json, taken with that commit's version of this script, for reference).
+Results: benchmarks/results/interaction.json and interaction.md, with the runs of older code in REFERENCES.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"]
 PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
 LEADS = ("measured", "fixed")
+CONFIGS = [f"{player}+{lead}" for player, lead in itertools.product(PLAYERS, LEADS)]
+# Runs of older code kept in results/, shown under this run's table: file -> which code ran.
+REFERENCES = {
+    "interaction_c54ab6b.json": "the code of issue 14 before its latency cuts (commit c54ab6b), with this script",
+    "interaction_before.json": "the code before issue 14 (commit ad3127b), with that commit's script",
+}
 
 # Runs in the page: records when media and stats arrive, then drives starts and changes; returns raw timings.
 DRIVE = """async ({starts, changes, steps, session}) => {
@@ -141,7 +151,7 @@ async def run_pages(browser, url: str, count: int, query: str, args: argparse.Na
 
 async def run_sessions(url: str, count: int, args: argparse.Namespace) -> list[dict]:
     """Every configuration with `count` sessions, `args.rounds` rounds of each, interleaved; timings pooled."""
-    configs = list(itertools.product(PLAYERS, LEADS))
+    configs = [tuple(config.split("+")) for config in args.configs.split(",")]
     runs: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -174,15 +184,22 @@ def cells(row: dict) -> str:
     return " | ".join(f"{row[key]['median']:.0f} / {row[key]['p95']:.0f}" for key in keys)
 
 
-def markdown(report: dict) -> str:
+def run_line(report: dict) -> str:
+    """How a run was made: its command, model, machine and load."""
     m, model = report["machine"], report["model"]
+    return (
+        f"`python benchmarks/interaction.py {report['arguments']}`: {model['source']} model at "
+        f"{model['width']}x{model['height']}, {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch "
+        f"thread, load average {m['load_average'][0]} at the start and {m['load_average_end'][0]} at the end"
+    )
+
+
+def markdown(report: dict) -> str:
     lines = [
         "# Control-to-screen latency: the live page in headless Chromium",
         "",
-        f"`python benchmarks/interaction.py {report['arguments']}`: {model['source']} model at "
-        f"{model['width']}x{model['height']}, {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch "
-        f"thread, load average {m['load_average'][0]} at the start and {m['load_average_end'][0]} at the end "
-        "(the CPU is shared with other work: compare rows of one run, which shared its load round by round).",
+        f"{run_line(report)} (the CPU is shared with other work: compare rows of one run, which shared its load "
+        "round by round).",
         "",
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
@@ -196,29 +213,28 @@ def markdown(report: dict) -> str:
     for row in rows:
         n = row["change_display_ms"]["n"]
         lines.append(f"| {row['sessions']} | {row['player']} | {row['lead']} | {cells(row)} | {n} |")
-    lines += ["", "MSE player, fixed lead -> WebCodecs player, measured lead, median change -> displayed:"]
-    for sessions in sorted({row["sessions"] for row in rows}):
-        by = {(row["player"], row["lead"]): row for row in rows if row["sessions"] == sessions}
-        before, after = by["mse", "fixed"], by["webcodecs", "measured"]
-        was, now = before["change_display_ms"]["median"], after["change_display_ms"]["median"]
-        target = 500 + after["chunk_ms"]["median"]
-        lines.append(
-            f"- {sessions} session(s): {was:.0f} -> {now:.0f} ms, x{now / was:.2f} (issue 14's target, half a second "
-            f"plus one chunk's generation, is {target:.0f} ms at this run's chunk time)"
-        )
-    before = RESULTS / "interaction_before.json"
-    if before.is_file():  # the run on the code before issue 14 (its own script), for reference
-        old = json.loads(before.read_text())
-        load = old["machine"]["load_average"][0], old["machine"]["load_average_end"][0]
-        lines += [
-            "",
-            f"The same measure on the code before issue 14 (commit ad3127b, `interaction_before.json`; load "
-            f"{load[0]} -> {load[1]}), columns as above:",
-            "",
-            "| sessions | first frame | change -> arrives | change -> displayed | chunk | n |",
-            "|---:|---:|---:|---:|---:|---:|",
-            *(f"| {row['sessions']} | {cells(row)} | {row['change_display_ms']['n']} |" for row in old["rows"]),
-        ]
+    lines += ["", "Issue 14's target, median change -> displayed under half a second plus one chunk's generation "
+              "(WebCodecs player, measured lead, this run's median chunk time):"]
+    for row in rows:
+        if (row["player"], row["lead"]) == ("webcodecs", "measured"):
+            now, target = row["change_display_ms"]["median"], 500 + row["chunk_ms"]["median"]
+            met = "met" if now < target else "not met"
+            lines.append(f"- {row['sessions']} session(s): {now:.0f} ms against {target:.0f} ms: {met}")
+    for name, code in REFERENCES.items():
+        if not (RESULTS / name).is_file() or name == report.get("file"):
+            continue
+        old = json.loads((RESULTS / name).read_text())
+        old_rows = [row for rows in old["rows"] for row in rows] if isinstance(old["rows"][0], list) else old["rows"]
+        lines += ["", f"The same measure on {code} (`{name}`): {run_line(old)}.", ""]
+        if "player" in old_rows[0]:
+            lines += ["| sessions | player | pacing lead | first frame | change -> arrives | change -> displayed | "
+                      "chunk | n |", "|---:|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines += [f"| {r['sessions']} | {r['player']} | {r['lead']} | {cells(r)} | {r['change_display_ms']['n']} |"
+                      for r in old_rows]  # fmt: skip
+        else:  # before issue 14: one player, one pacing
+            lines += ["| sessions | first frame | change -> arrives | change -> displayed | chunk | n |",
+                      "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines += [f"| {r['sessions']} | {cells(r)} | {r['change_display_ms']['n']} |" for r in old_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -231,19 +247,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps at Start; changes alternate it with half of it")
     p.add_argument("--size", type=int, help="frame height and width (default: the model's; smaller keeps a loaded "
                    "machine real-time)")  # fmt: skip
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"player+lead, any of {','.join(CONFIGS)}")
+    p.add_argument("--no-overlap", action="store_true", help="decode on the denoising thread (streamgen serve's "
+                   "--no-overlap)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "interaction")
     args = p.parse_args()
+    if unknown := set(args.configs.split(",")) - set(CONFIGS):
+        p.error(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
     torch.set_num_threads(1)
     pipe, source = bench.load(args.model, None, "cpu")
     if args.size:
         pipe.config = pipe.config.replace(height=args.size, width=args.size)
     counts = bench.parse_ints(args.sessions)
     report = {
-        "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "arguments": " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if v not in (None, False) and k != "out"
+        ),
+        "file": args.out.with_suffix(".json").name,
         "machine": bench.machine(pipe.device),
         "model": bench.describe(pipe, source),
     }
-    with serve_in_thread(pipe, max_sessions=max(counts)) as server:
+    with serve_in_thread(pipe, max_sessions=max(counts), overlap=not args.no_overlap) as server:
         report["rows"] = [asyncio.run(run_sessions(server.url, count, args)) for count in counts]
     report["machine"]["load_average_end"] = bench.load_average()
     bench.save_report(args.out, report, markdown)
