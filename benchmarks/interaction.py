@@ -3,17 +3,19 @@
 Each page is the shipped web player (`server/streamgen_server/web/`), driven from inside the page so that every
 time is read on the page's own clock. Per page session: Start is pressed (first-frame latency: press -> first frame
 displayed), then controls are sent at random moments of the chunk cycle, alternately a new prompt and a new step
-count. Per change: *arrive* = send -> the first media of the first chunk made under the change reaches the page; *display* =
-send -> the page displays that chunk's first frame (the page reports each displayed frame's number:
+count. Per change: *arrive* = send -> the first media of the first chunk made under the change reaches the page;
+*display* = send -> the page displays that chunk's first frame (the page reports each displayed frame's number:
 `player.displayed`). With n sessions, n pages run at once, one session each.
 
-The configurations, player x pacing, are measured in one run, interleaved round by round so that they share the
-machine's load (a shared CPU's load moves by the minute): the page's WebCodecs player or its MSE fallback
-(`player=mse`), and the pacing lead measured per stream (`ServedStream.lead`) or the constant one second it
-replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds). "webcodecs+measured" is what the page and
-server do now; "mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the WebCodecs
-player catches up with the live edge after a stall (the page before issue 14 did not: its own run, on its commit,
-is `interaction_before.json`). The server overlaps decoding with denoising as `streamgen serve` does
+The configurations, player + pacing [+ no-remake], are measured in one run, interleaved round by round so that
+they share the machine's load (a shared CPU's load moves by the minute), after one round not measured: the page's
+WebCodecs player or its MSE fallback (`player=mse`); the pacing lead measured per stream (`ServedStream.lead`) or
+the constant one second it replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds); and with "no-remake",
+a change that arrives while a chunk is denoised waits for the next chunk instead of having that chunk made again
+(`Runner.remake` off for those rounds; the table counts the chunks made again). "webcodecs+measured" is what the
+page and server do now; "mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the
+WebCodecs player catches up with the live edge after a stall (the page before issue 14 did not: its own run, on
+its commit, is `interaction_before.json`). The server overlaps decoding with denoising as `streamgen serve` does
 (`--no-overlap`: as `streamgen serve --no-overlap`).
 
     OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--rounds 3] [--changes 4]
@@ -50,6 +52,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-ges
 PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
 LEADS = ("measured", "fixed")
 CONFIGS = [f"{player}+{lead}" for player, lead in itertools.product(PLAYERS, LEADS)]
+CONFIGS.insert(1, "webcodecs+measured+no-remake")
 # Runs of older code kept in results/, shown under this run's table: file -> which code ran.
 REFERENCES = {
     "interaction_c54ab6b.json": "the code of issue 14 before its latency cuts (commit c54ab6b), with this script",
@@ -107,7 +110,7 @@ DRIVE = """async ({starts, changes, steps, session}) => {
     const media = segments.get(chunk.chunk);
     const display = await until(() => shown(media.first, t0));
     result.changes.push({kind, chunk: chunk.chunk, arrive_ms: media.t - t0, display_ms: display[0] - t0,
-                         chunk_ms: chunk.latency_ms.total});
+                         chunk_ms: chunk.latency_ms.total, stages_ms: chunk.latency_ms});
     player.displayed.splice(0, player.displayed.length - 64);  // keep the log short
   }
   document.getElementById("stop").click();
@@ -133,8 +136,8 @@ def pacing(lead: str) -> Iterator[None]:
         ServedStream.lead = measured
 
 
-async def run_pages(browser, url: str, count: int, query: str, args: argparse.Namespace) -> list[dict]:
-    """`count` pages at once, each with its own session: one Start, `args.changes` changes, Stop."""
+async def run_pages(browser, url: str, count: int, query: str, args: argparse.Namespace, changes: int) -> list[dict]:
+    """`count` pages at once, each with its own session: one Start, `changes` changes, Stop."""
     pages = []
     try:
         for i in range(count):
@@ -142,33 +145,43 @@ async def run_pages(browser, url: str, count: int, query: str, args: argparse.Na
             await page.goto(f"{url}?prompt=session%20{i}%3A%20a%20red%20fox&steps={args.steps}{query}")
             await page.wait_for_function("() => window.streamgen?.state === 'idle'", timeout=60_000)
             pages.append(page)
-        options = {"starts": 1, "changes": args.changes, "steps": args.steps}
+        options = {"starts": 1, "changes": changes, "steps": args.steps}
         return await asyncio.gather(*(page.evaluate(DRIVE, options | {"session": i}) for i, page in enumerate(pages)))
     finally:
         for page in pages:
             await page.close()
 
 
-async def run_sessions(url: str, count: int, args: argparse.Namespace) -> list[dict]:
+async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dict]:
     """Every configuration with `count` sessions, `args.rounds` rounds of each, interleaved; timings pooled."""
-    configs = [tuple(config.split("+")) for config in args.configs.split(",")]
-    runs: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
+    runner = server.app.scheduler.runner
+    runs: dict[str, list[dict]] = {config: [] for config in args.configs.split(",")}
+    remade = dict.fromkeys(runs, 0)
+    counted = hasattr(runner, "remade")  # code from before the remake has no count
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            for _, (player, lead) in itertools.product(range(args.rounds), configs):
+        try:  # first a round not measured: a server's first sessions pay one-off costs (first calls of each shape)
+            await run_pages(browser, server.url, count, "", args, changes=2)
+            for _, config in itertools.product(range(args.rounds), runs):
+                player, lead, *flags = config.split("+")
+                runner.remake, before = "no-remake" not in flags, getattr(runner, "remade", 0)
                 with pacing(lead):
-                    runs[player, lead] += await run_pages(browser, url, count, PLAYERS[player], args)
+                    runs[config] += await run_pages(browser, server.url, count, PLAYERS[player], args, args.changes)
+                remade[config] += getattr(runner, "remade", 0) - before
         finally:
+            runner.remake = True
             await browser.close()
     rows = []
-    for (player, lead), pages in runs.items():
+    for config, pages in runs.items():
+        player, lead, *flags = config.split("+")
         starts = [s for run in pages for s in run["starts"]]
         changes = [c for run in pages for c in run["changes"]]
         rows.append({
             "sessions": count,
             "player": player,
             "lead": lead,
+            "remake": "no-remake" not in flags,
+            "remade": remade[config] if counted else None,
             "first_frame_ms": summary([s["display_ms"] for s in starts]),
             "first_media_ms": summary([s["arrive_ms"] for s in starts]),
             "change_arrive_ms": summary([c["arrive_ms"] for c in changes]),
@@ -182,6 +195,19 @@ async def run_sessions(url: str, count: int, args: argparse.Namespace) -> list[d
 def cells(row: dict) -> str:
     keys = ("first_frame_ms", "change_arrive_ms", "change_display_ms", "chunk_ms")
     return " | ".join(f"{row[key]['median']:.0f} / {row[key]['p95']:.0f}" for key in keys)
+
+
+HEADER = [
+    "| sessions | player | pacing lead | remake | first frame | change -> arrives | change -> displayed | chunk | n |",
+    "|---:|---|---|---|---:|---:|---:|---:|---:|",
+]
+
+
+def line(row: dict) -> str:
+    """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it)."""
+    remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
+    n = row["change_display_ms"]["n"]
+    return f"| {row['sessions']} | {row['player']} | {row['lead']} | {remake} | {cells(row)} | {n} |"
 
 
 def run_line(report: dict) -> str:
@@ -203,20 +229,18 @@ def markdown(report: dict) -> str:
         "",
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
-        "-> first frame displayed. *Chunk* = its generation as the server timed it. Median / p95 in ms; n = "
-        "changes (starts: n / changes per session).",
+        "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
+        "made again under a change that came while they were denoised. Median / p95 in ms; n = changes (starts: n / "
+        "changes per session).",
         "",
-        "| sessions | player | pacing lead | first frame | change -> arrives | change -> displayed | chunk | n |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        *HEADER,
     ]
     rows = [row for rows in report["rows"] for row in rows]
-    for row in rows:
-        n = row["change_display_ms"]["n"]
-        lines.append(f"| {row['sessions']} | {row['player']} | {row['lead']} | {cells(row)} | {n} |")
+    lines += [line(row) for row in rows]
     lines += ["", "Issue 14's target, median change -> displayed under half a second plus one chunk's generation "
               "(WebCodecs player, measured lead, this run's median chunk time):"]
     for row in rows:
-        if (row["player"], row["lead"]) == ("webcodecs", "measured"):
+        if (row["player"], row["lead"], row["remake"]) == ("webcodecs", "measured", True):
             now, target = row["change_display_ms"]["median"], 500 + row["chunk_ms"]["median"]
             met = "met" if now < target else "not met"
             lines.append(f"- {row['sessions']} session(s): {now:.0f} ms against {target:.0f} ms: {met}")
@@ -227,10 +251,7 @@ def markdown(report: dict) -> str:
         old_rows = [row for rows in old["rows"] for row in rows] if isinstance(old["rows"][0], list) else old["rows"]
         lines += ["", f"The same measure on {code} (`{name}`): {run_line(old)}.", ""]
         if "player" in old_rows[0]:
-            lines += ["| sessions | player | pacing lead | first frame | change -> arrives | change -> displayed | "
-                      "chunk | n |", "|---:|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-            lines += [f"| {r['sessions']} | {r['player']} | {r['lead']} | {cells(r)} | {r['change_display_ms']['n']} |"
-                      for r in old_rows]  # fmt: skip
+            lines += [*HEADER, *map(line, old_rows)]
         else:  # before issue 14: one player, one pacing
             lines += ["| sessions | first frame | change -> arrives | change -> displayed | chunk | n |",
                       "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -247,7 +268,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps at Start; changes alternate it with half of it")
     p.add_argument("--size", type=int, help="frame height and width (default: the model's; smaller keeps a loaded "
                    "machine real-time)")  # fmt: skip
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"player+lead, any of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"any of {','.join(CONFIGS)}")
     p.add_argument("--no-overlap", action="store_true", help="decode on the denoising thread (streamgen serve's "
                    "--no-overlap)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "interaction")
@@ -269,7 +290,7 @@ def main() -> None:
         "model": bench.describe(pipe, source),
     }
     with serve_in_thread(pipe, max_sessions=max(counts), overlap=not args.no_overlap) as server:
-        report["rows"] = [asyncio.run(run_sessions(server.url, count, args)) for count in counts]
+        report["rows"] = [asyncio.run(run_sessions(server, count, args)) for count in counts]
     report["machine"]["load_average_end"] = bench.load_average()
     bench.save_report(args.out, report, markdown)
 

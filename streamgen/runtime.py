@@ -222,6 +222,10 @@ class Runner:
             raise ValueError(f"the memory budget must be positive, got {self.memory_budget} bytes")
         self.reserved = 0  # bytes held for the admitted streams
         self.batch_sizes: Counter[int] = Counter()  # transformer batches run, by their number of chunks
+        # Remake a chunk whose stream's controls changed while it was denoised (`denoise`); off, the change waits for
+        # the next chunk (what benchmarks/interaction.py compares).
+        self.remake = True
+        self.remade = 0  # chunks made again so far
 
     # -- memory --------------------------------------------------------------------------------------------
     def stream_bytes(self) -> int:
@@ -264,8 +268,9 @@ class Runner:
         given had it come before the turn, sooner than waiting for the next chunk, at the cost of one more denoise.
         Once per turn, so that a flood of changes cannot hold the turn."""
         results = self._denoise([_Plan.make(stream) for stream in streams])
-        changed = [i for i, (plan, *_) in enumerate(results) if plan.stream.changes != plan.changes]
+        changed = [i for i, (plan, *_) in enumerate(results) if plan.stream.changes != plan.changes and self.remake]
         if changed:
+            self.remade += len(changed)
             redone = self._denoise([results[i][0].remake() for i in changed])
             for i, (plan, z, seconds, share, batch) in zip(changed, redone):
                 _, _, spent, spent_share, _ = results[i]  # the dropped chunk's time counts too

@@ -178,6 +178,7 @@ def test_a_change_during_a_denoise_remakes_that_chunk_under_it(pipe, monkeypatch
     assert (chunk.stream, beside.stream) == (changed, other)
     assert chunk.prompt == "a blue cube" and beside.prompt == "a green cone"
     assert sum(runner.batch_sizes.values()) == calls + 2  # the batched call, then the chunk made again
+    assert runner.remade == 1
     torch.testing.assert_close(chunk.latents, expected.latents, rtol=0, atol=1e-6)
     assert not torch.allclose(beside.latents, chunk.latents)
     assert changed.session.chunk_index == 2  # committed once: the dropped chunk never reached the cache
