@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -240,3 +241,18 @@ def test_a_viewers_chunk_goes_out_before_the_rest_of_its_turn_is_encoded(pipe, o
 
     assert asyncio.run(handed_while_the_next_is_encoded(realtime=True))
     assert not asyncio.run(handed_while_the_next_is_encoded(realtime=False))
+
+
+def test_a_paced_stream_joins_a_turn_only_when_it_will_be_due_before_the_turn_ends(pipe) -> None:  # noqa: F811
+    """A turn takes the streams that are due, and a paced stream not yet due only if it will be within the latest
+    turn's time (it would wait for the worker anyway): never earlier, so it is not run ahead of its viewer."""
+    scheduler = Scheduler(pipe, max_active=3, limits=Limits())
+    due, soon, later = (ServedStream(Start(f"stream {i}"), None, buffer=2, wake=lambda: None) for i in range(3))
+    now = time.monotonic()
+    for stream, at in ((due, now - 1), (soon, now + 5), (later, now + 60)):
+        stream.session, stream._due = SimpleNamespace(fps=16), at
+    scheduler._active = [later, soon, due]
+    scheduler._turn_seconds = 10.0  # the latest turn held the worker this long: `soon` would wait for it
+    assert asyncio.run(scheduler._next()) == [due, soon]
+    scheduler._turn_seconds = 0.1  # a short turn: `soon` waits for its own
+    assert asyncio.run(scheduler._next()) == [due]
