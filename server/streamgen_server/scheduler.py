@@ -3,7 +3,8 @@
 The model is one set of weights on one device. Every chunk runs through one `streamgen.runtime.Runner` on a
 worker thread, so the event loop stays free to answer pings, parse messages and send media meanwhile. Each turn
 takes every stream that can use one and denoises their chunks in one batched call per step; with `overlap`, the
-turn's decoding and encoding run on a second thread while the next turn denoises.
+turn's decoding and encoding run on a second thread while the next turn denoises. A live viewer's chunk goes to its
+connection as soon as it is encoded.
 
 A stream can use a turn when it is not paused, has room in its bounded buffer of encoded chunks (a slow reader
 stalls its own generation, never the server's memory) and, for a live viewer, is not too far ahead of what the
@@ -344,8 +345,9 @@ class Scheduler:
         return later
 
     def _delivered(self, results: list[tuple[Denoised, MediaChunk | Exception | None]]) -> None:
-        """On the loop: delivered chunks to their streams (or their failures), then the scheduler told once, so that
-        it sees every one of them (and their clients' reading) before it plans a turn."""
+        """On the loop: delivered chunks to their streams (or their failures), then the scheduler woken once, after
+        the streams' connections (which `put` wakes), so that it plans its next turn once they have all taken their
+        chunks: recorders delivered together stay together."""
         for chunk, result in results:
             stream = chunk.stream
             stream.in_flight -= 1
