@@ -11,7 +11,8 @@ _OPTIONS: dict[str, dict] = {
     "device": {"help": "cpu or cuda (default: cuda when available)"},
     "threads": {
         "type": int,
-        "help": "torch CPU threads (default: torch's; on a shared CPU, 1 avoids spinning threads' stalls)",
+        "help": "torch CPU threads (default: %(default)s, None being torch's own; on a shared CPU, 1 avoids "
+        "spinning threads' stalls)",
     },
 }
 

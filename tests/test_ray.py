@@ -56,7 +56,8 @@ def run(coroutine, timeout: float = TIMEOUT):
 def serve_args(monkeypatch: pytest.MonkeyPatch, *argv: str) -> argparse.Namespace:
     """`streamgen serve ...` parsed by the real CLI, up to where it would start serving."""
     parsed: list[argparse.Namespace] = []
-    monkeypatch.setattr(server_app, "main", lambda args: parsed.append(args) or 0)
+    for command in (server_app, rayserve):  # the plain server, or with --ray its deployment
+        monkeypatch.setattr(command, "main", lambda args: parsed.append(args) or 0)
     assert cli.main(["serve", *argv]) == 0
     return parsed[0]
 
