@@ -103,7 +103,9 @@ def measure(args: argparse.Namespace) -> dict:
     pipe = StreamingPipeline(teacher, vae, scheduler, encoder, tokenizer, max_sequence_length=32)
     world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
     clip = CLIP_LATENT_FRAMES
-    frames_per_clip = 1 + 4 * (CLIP_LATENT_FRAMES - 1)
+    stride, scale = pipe.latent_scale  # the VAE's: frames per latent frame after the first, pixels per latent
+    latent_shape = (vae.config.z_dim, recipe.sizes.height // scale, recipe.sizes.width // scale)
+    frames_per_clip = 1 + stride * (CLIP_LATENT_FRAMES - 1)
     lengths = {"clip": chunk_sizes(clip)} | ({"long": chunk_sizes(clip * args.drift)} if args.drift else {})
 
     rows: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
@@ -116,8 +118,8 @@ def measure(args: argparse.Namespace) -> dict:
     text = TextCondition(torch.cat([pipe.encode_prompt(c) for c in captions]))
     gen = torch.Generator().manual_seed(0)
     for span, sizes in lengths.items():
-        noises = [torch.randn(len(seeds), f, 16, 8, 8, generator=gen) for f in sizes]
-        total = 1 + 4 * (sum(sizes) - 1)
+        noises = [torch.randn(len(seeds), f, *latent_shape, generator=gen) for f in sizes]
+        total = 1 + stride * (sum(sizes) - 1)
         for seed, caption in zip(seeds, captions):
             truth, _ = world.clip(seed, frames_per_clip, start_frame=total - frames_per_clip)
             data_scores[span].append(semantic_score(truth, caption))
