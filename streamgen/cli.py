@@ -98,7 +98,8 @@ def _generate_bidirectional(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     pipe = AnyFlowPipeline.from_pretrained(args.model, torch_dtype=default_dtype(device)).to(device)
-    frames = 1 + 4 * max(0, math.ceil(args.seconds * DEFAULT_FPS / 4))
+    stride = pipe.vae.config.scale_factor_temporal  # video frames per latent frame after the first
+    frames = 1 + stride * max(0, math.ceil(args.seconds * DEFAULT_FPS / stride))
     size = {"height": args.height, "width": args.width}
     video = pipe(
         prompt=args.prompt,

@@ -142,8 +142,9 @@ def encode_video(vae: AutoencoderKLWan, frames: np.ndarray | torch.Tensor) -> to
     else:
         raise ValueError(f"frames must be a numpy array or a torch tensor, got {type(frames).__name__}")
     t, _, h, w = video.shape
-    if t % 4 != 1:
-        raise ValueError(f"frame count must be 1 + 4k, got {t} (see streamgen.media.trim_to_4k_plus_1)")
+    stride = vae.config.scale_factor_temporal
+    if t % stride != 1:
+        raise ValueError(f"frame count must be 1 + {stride}k, got {t} (see streamgen.media.trim_to_4k_plus_1)")
     factor = vae.config.scale_factor_spatial
     if h % factor or w % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {h}x{w}")
