@@ -8,7 +8,8 @@ the chunk that just left the full-resolution window, at compressed resolution, a
 the same keys and values, at constant cost per chunk.
 
 The model is diffusers' `AnyFlowFARTransformer3DModel`, used as is: its patch embeddings, condition embedder,
-blocks and output head; only self-attention gets our processor (`attention.py`).
+blocks and output head, called through `streamgen.diffusers_adapter` (they are private to diffusers); only
+self-attention gets our processor (`attention.py`).
 """
 
 from __future__ import annotations
