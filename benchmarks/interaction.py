@@ -104,6 +104,7 @@ DRIVE = """async ({starts, changes, steps, session}) => {
     const kind = k % 2 ? "steps" : "prompt";
     const prompt = `session ${session}, change ${k}: a paper boat on a rainy street`;
     if (kind === "steps") current = current === steps ? Math.floor(steps / 2) : steps;
+    const arrived = Math.max(-1, ...segments.keys());  // the latest chunk whose media reached the page
     const t0 = now();
     player.ws.send(JSON.stringify(kind === "steps" ? {type: "steps", steps: current} : {type: "prompt", prompt}));
     const chunk = await until(() => chunks.find((c) => c.t > t0 && (kind === "steps" ? c.steps === current
@@ -111,7 +112,8 @@ DRIVE = """async ({starts, changes, steps, session}) => {
     const media = segments.get(chunk.chunk);
     const display = await until(() => shown(media.first, t0));
     result.changes.push({kind, chunk: chunk.chunk, arrive_ms: media.t - t0, display_ms: display[0] - t0,
-                         chunk_ms: chunk.latency_ms.total, stages_ms: chunk.latency_ms});
+                         chunk_ms: chunk.latency_ms.total, stages_ms: chunk.latency_ms,
+                         missed: chunk.chunk - arrived - 1});  // chunks made under the old setting after the send
     player.displayed.splice(0, player.displayed.length - 64);  // keep the log short
   }
   document.getElementById("stop").click();
@@ -191,6 +193,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             "change_arrive_ms": summary([c["arrive_ms"] for c in changes]),
             "change_display_ms": summary([c["display_ms"] for c in changes]),
             "chunk_ms": summary([c["chunk_ms"] for c in changes]),
+            "missed": sum(c["missed"] > 0 for c in changes),
             "raw": pages,
         })  # fmt: skip
     return rows
@@ -203,8 +206,8 @@ def cells(row: dict) -> str:
 
 HEADER = [
     "| sessions | player | pacing lead | remake | batched | first frame | change -> arrives | change -> displayed | "
-    "chunk | n |",
-    "|---:|---|---|---|---|---:|---:|---:|---:|---:|",
+    "chunk | missed | n |",
+    "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
 ]
 
 
@@ -212,8 +215,8 @@ def line(row: dict) -> str:
     """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it)."""
     remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
     batched = "yes" if row.get("batched", True) else "one at a time"
-    n = row["change_display_ms"]["n"]
-    return f"| {row['sessions']} | {row['player']} | {row['lead']} | {remake} | {batched} | {cells(row)} | {n} |"
+    columns = [row["sessions"], row["player"], row["lead"], remake, batched, cells(row), row.get("missed", "-")]
+    return "| " + " | ".join(map(str, [*columns, row["change_display_ms"]["n"]])) + " |"
 
 
 def run_line(report: dict) -> str:
@@ -237,8 +240,9 @@ def markdown(report: dict) -> str:
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
         "made again under a change that came while they were denoised (off: not made again). *Batched*: the sessions' "
-        "chunks share turns (one at a time: each turn one session's chunk). Median / p95 in ms; n = changes "
-        "(starts: n / changes per session).",
+        "chunks share turns (one at a time: each turn one session's chunk). *Missed*: changes that came while the "
+        "next chunk was already past its denoising, so that it was made under the old setting and the change shows "
+        "a chunk later. Median / p95 in ms; n = changes (starts: n / changes per session).",
         "",
         *HEADER,
     ]
