@@ -59,6 +59,7 @@ class MediaChunk:
     timing: ChunkTiming
     batch: int = 1  # chunks denoised in the same transformer calls, this one included
     transition: dict[str, Any] | None = None  # in a prompt transition: {"from": prompt, "weight": the new one's share}
+    remade: bool = False  # denoised twice: a control change came while it was first denoised (`Runner.denoise`)
     ready: float = field(default_factory=time.perf_counter)  # when it was encoded (`time.perf_counter`)
 
 
@@ -170,6 +171,7 @@ class _Plan:
     noise: torch.Tensor
     transition: dict[str, Any] | None  # `MediaChunk.transition`
     rewind: tuple[torch.Tensor, Any, Any, int]  # noise generator state, text condition, transition and its progress
+    remade: bool = False  # planned again
 
     @classmethod
     def make(cls, stream: Stream) -> _Plan:
@@ -191,7 +193,9 @@ class _Plan:
         if session.transition is not None:
             session.transition.done = done
         session.generator.set_state(state)
-        return _Plan.make(self.stream)
+        plan = _Plan.make(self.stream)
+        plan.remade = True
+        return plan
 
 
 @dataclass
@@ -207,6 +211,7 @@ class Denoised:
     first: bool  # the stream's first chunk: shorter, no deadline, not shown to its budget
     prompt: str | None  # as it was denoised (the stream's may change while the chunk waits to be encoded)
     transition: dict[str, Any] | None  # `MediaChunk.transition`, taken when it was denoised
+    remade: bool  # `MediaChunk.remade`
 
 
 class Runner:
@@ -279,9 +284,10 @@ class Runner:
         for plan, z, seconds, share, batch in results:
             session = plan.stream.session
             timing = session._commit(z, seconds)
-            denoised.append(
-                Denoised(plan.stream, z, plan.steps, timing, share, batch, plan.first, session.prompt, plan.transition)
-            )
+            denoised.append(Denoised(
+                plan.stream, z, plan.steps, timing, share, batch, plan.first, session.prompt, plan.transition,
+                plan.remade,
+            ))  # fmt: skip
         return denoised
 
     def _denoise(self, plans: list[_Plan]) -> list[tuple[_Plan, torch.Tensor, float, float, int]]:
@@ -304,7 +310,7 @@ class Runner:
         stream, session = chunk.stream, chunk.stream.session
         frames = session._decode(chunk.latents, chunk.steps, chunk.timing, "np")
         media = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
-        media.prompt, media.transition = chunk.prompt, chunk.transition
+        media.prompt, media.transition, media.remade = chunk.prompt, chunk.transition, chunk.remade
         stream.chunks += 1
         session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
         return media

@@ -121,15 +121,15 @@ def test_the_page_blends_a_new_prompt_over_two_chunks(pipe, page) -> None:  # no
 
 def test_the_pacing_lead_follows_measured_production_times() -> None:
     """A paced stream's lead is the longest of its latest chunks' production times (due -> encoded) plus a frame,
-    at most PACE_LEAD_SECONDS; a pause does not count as production."""
+    at most PACE_LEAD_SECONDS; a pause does not count as production, nor does a chunk made again under a change."""
     stream = ServedStream(Start("paced"), None, buffer=2, wake=lambda: None)
     stream.session = SimpleNamespace(fps=16)  # what pacing reads of the session
 
-    def produce(index: int, seconds: float) -> float:
+    def produce(index: int, seconds: float, remade: bool = False) -> float:
         """The chunk's production starts when it is due (or when the stream is free; the clock starts at 0) and
         takes `seconds`."""
         at = max(stream._due, stream._free, 0.0) + seconds
-        stream.put(MediaChunk(index, 0, 12, [], 1, "paced", ChunkTiming()), at)
+        stream.put(MediaChunk(index, 0, 12, [], 1, "paced", ChunkTiming(), remade=remade), at)
         return at
 
     now = produce(0, 0.05)  # the first chunk, 1 frame, has no due time: not measured
@@ -143,7 +143,9 @@ def test_the_pacing_lead_follows_measured_production_times() -> None:
     stream.pause(False, now + 5.0)  # five seconds paused: production is counted from the resume
     produce(4, 0.2)
     assert stream.lead == pytest.approx(0.3 + 1 / 16)
-    for index in range(5, 5 + LEAD_WINDOW):
+    produce(5, 0.6, remade=True)  # made again under a change: once, not what later chunks need
+    assert stream.lead == pytest.approx(0.3 + 1 / 16)
+    for index in range(6, 6 + LEAD_WINDOW):
         produce(index, 3.0)  # a loaded machine: the lead grows, up to its cap
     assert stream.lead == PACE_LEAD_SECONDS
 
@@ -185,7 +187,8 @@ def test_a_change_during_a_denoise_remakes_that_chunk_under_it(pipe, monkeypatch
     assert changed.session.chunk_index == 2  # committed once: the dropped chunk never reached the cache
     assert chunk.timing.transformer > expected.timing.transformer / 4  # both denoises are its time
     media = runner.deliver(chunk)
-    assert (media.index, media.first_frame, media.prompt) == (1, 1, "a blue cube")
+    assert (media.index, media.first_frame, media.prompt, media.remade) == (1, 1, "a blue cube", True)
+    assert not beside.remade
 
 
 def test_a_step_change_during_a_transition_remakes_the_chunk_at_the_same_blend(pipe, monkeypatch) -> None:  # noqa: F811

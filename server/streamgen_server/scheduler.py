@@ -96,7 +96,9 @@ class ServedStream(Stream):
     def put(self, chunk: MediaChunk, now: float) -> None:
         self._media.append(chunk)
         self._changed.set()
-        if chunk.index:  # a chunk's production time (the first one has no due time)
+        # Its production time sets the lead; not the first chunk's (it has no due time), nor a chunk's made again under
+        # a change (it took a denoise more, once: its viewer may wait for it, later chunks need no more lead for it).
+        if chunk.index and not chunk.remade:
             self._production.append(now - max(self._due, self._free))
         self._free = now
         # Pace to playback, but never bank time: after a pause or a slow chunk, the lead starts over.
