@@ -293,7 +293,7 @@ class Scheduler:
 
         A paced stream that will be due before this turn ends joins it (it would otherwise wait for the worker until
         then and be late): streams paced at the same rate share batched calls instead of drifting into turns of their
-        own, and none is made earlier than the wait it saves. How long the turn takes is the latest one's time."""
+        own, and none runs further ahead of its viewer than one turn (expected to take as long as the latest)."""
         while True:
             self._wake.clear()
             now = time.monotonic()
