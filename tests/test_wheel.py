@@ -7,6 +7,7 @@ goes in with `--no-deps`; the test then checks that the package it runs is the v
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -51,15 +52,16 @@ def test_an_installed_wheel_serves_the_page(wheel: Path, tmp_path: Path) -> None
     python = env / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)]
     subprocess.run(pip, check=True)
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # nothing of the checkout
     where = subprocess.run(
         [str(python), "-c", "import streamgen_server; print(streamgen_server.__file__)"],
-        cwd=tmp_path, check=True, capture_output=True, text=True,
+        cwd=tmp_path, env=clean, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert Path(where.strip()).is_relative_to(env), where  # the installed copy, not the checkout
 
     server = subprocess.Popen(
         [str(env / "bin" / "streamgen"), "serve", "--port", "0", "--device", "cpu", "--no-overlap"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         for line in server.stdout:  # the model loads, then the URL is printed
