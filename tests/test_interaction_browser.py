@@ -259,3 +259,39 @@ def test_a_paced_stream_joins_a_turn_only_when_it_will_be_due_before_the_turn_en
     assert asyncio.run(scheduler._next()) == [due, soon]
     scheduler._turn_seconds = 0.1  # a short turn: `soon` waits for its own
     assert asyncio.run(scheduler._next()) == [due]
+
+
+def test_the_worker_denoises_at_most_one_turn_ahead_of_the_encoder(pipe) -> None:  # noqa: F811
+    """With decoding on its own thread, a turn is denoised while the previous one is decoded, but not while two wait
+    to be: a chunk's prompt and steps are fixed as late as the encoder allows. The first turn's decoding is held up
+    here, for a third turn or two seconds: the worker must stop after the second."""
+
+    async def third_turn_while_two_wait() -> bool:
+        scheduler = Scheduler(pipe, max_active=3, limits=Limits(), overlap=True, max_batch=1)
+        for i in range(3):
+            scheduler.open(Start(f"stream {i}", realtime=False), None)
+        denoise, deliver, turns, third = scheduler.runner.denoise, scheduler.runner.deliver, [], threading.Event()
+        held: list[bool] = []
+        released, loop = asyncio.Event(), asyncio.get_running_loop()
+
+        def counted(streams):
+            turns.append(streams)
+            if len(turns) == 3:
+                third.set()
+            return denoise(streams)
+
+        def held_up(chunk):  # on the decoding thread
+            if not held:
+                held.append(third.wait(2))
+                loop.call_soon_threadsafe(released.set)
+            return deliver(chunk)
+
+        scheduler.runner.denoise, scheduler.runner.deliver = counted, held_up
+        running = asyncio.create_task(scheduler.run())
+        await asyncio.wait_for(released.wait(), 60)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await scheduler.shutdown()
+        return held[0]
+
+    assert not asyncio.run(third_turn_while_two_wait())

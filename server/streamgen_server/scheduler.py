@@ -287,6 +287,11 @@ class Scheduler:
                 self._deliveries.add(task)
                 task.add_done_callback(self._deliveries.discard)
             self._turn_seconds = time.monotonic() - began
+            # Denoise at most one turn ahead of the encoder, which then never waits for work: a chunk denoised while
+            # more turns wait to be decoded would have its prompt and steps fixed that much longer before it is
+            # shown, and a change that comes meanwhile would miss it.
+            while len(self._deliveries) > 1:
+                await asyncio.wait(self._deliveries, return_when=asyncio.FIRST_COMPLETED)
 
     async def _next(self) -> list[ServedStream]:
         """A stream to open, or the streams ready for a turn; sleeps until there are.
