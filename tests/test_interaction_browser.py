@@ -295,3 +295,24 @@ def test_the_worker_denoises_at_most_one_turn_ahead_of_the_encoder(pipe) -> None
         return held[0]
 
     assert not asyncio.run(third_turn_while_two_wait())
+
+
+def test_a_turn_takes_as_many_viewers_as_decoding_keeps_up_with(pipe) -> None:  # noqa: F811
+    """With decoding on its own thread, a turn takes at most as many live viewers as chunks are decoded while a turn
+    denoises (as last measured), least recently served first, at least one; recorders are not limited. Before
+    anything is measured, or with decoding on the worker, every ready stream shares the turn."""
+
+    def turn(overlap: bool, turn_seconds: float, delivery_seconds: float) -> list[str]:
+        scheduler = Scheduler(pipe, max_active=5, limits=Limits(), overlap=overlap)
+        starts = [Start(f"viewer {i}") for i in range(4)] + [Start("recorder", realtime=False)]
+        scheduler._active = [ServedStream(start, None, buffer=2, wake=lambda: None) for start in starts]
+        for stream in scheduler._active:
+            stream.session, stream._due = SimpleNamespace(fps=16), time.monotonic() - 1  # all due
+        scheduler._turn_seconds, scheduler._delivery_seconds = turn_seconds, delivery_seconds
+        return [stream.request.prompt for stream in asyncio.run(scheduler._next())]
+
+    everyone = ["viewer 0", "viewer 1", "viewer 2", "viewer 3", "recorder"]
+    assert turn(True, 0.0, 0.0) == everyone  # nothing measured yet
+    assert turn(True, 0.25, 0.1) == ["viewer 0", "viewer 1", "recorder"]  # two chunks decode while a turn denoises
+    assert turn(True, 0.05, 0.1) == ["viewer 0", "recorder"]  # decoding is the slower half: one at a time
+    assert turn(False, 0.05, 0.1) == everyone  # decoding on the worker

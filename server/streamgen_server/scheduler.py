@@ -189,6 +189,7 @@ class Scheduler:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgen-encoder") if overlap else None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._turn_seconds = 0.0  # how long the latest turn held the worker
+        self._delivery_seconds = 0.0  # how long the latest chunk took to decode and encode
 
     @property
     def active(self) -> int:
@@ -308,6 +309,9 @@ class Scheduler:
                 return [opening]
             if any(delay <= 0 for delay, _ in delays):
                 ready = [stream for d, stream in sorted(delays, key=lambda d: d[0]) if d <= self._turn_seconds]
+                if (viewers := self._viewers_per_turn()) is not None:
+                    paced = [stream for stream in ready if stream.request.realtime][:viewers]
+                    ready = [stream for stream in ready if stream in paced or not stream.request.realtime]
                 turn = ready[: self.max_batch]
                 for stream in turn:  # to the back of the line
                     self._active.remove(stream)
@@ -318,6 +322,17 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)
             except TimeoutError:
                 pass
+
+    def _viewers_per_turn(self) -> int | None:
+        """With overlap, the most live viewers in one turn: as many chunks as the encoder delivers while the worker
+        denoises a turn (the latest turn's time over the latest chunk's delivery), at least one; None: no limit.
+
+        Where decoding is the slower half (a CPU), more would not be shown sooner, only denoised earlier, their
+        prompts and steps fixed that much longer before they are shown (a change meanwhile misses them); where
+        denoising is (a GPU), a turn batches as many as the encoder keeps up with. Recorders are not limited."""
+        if self._encoder is None or not self._delivery_seconds:
+            return None
+        return max(1, int(self._turn_seconds / self._delivery_seconds))
 
     def _opened(self, stream: ServedStream, context: MediaChunk | None) -> None:
         if stream.closed:  # its client left while it opened
@@ -341,10 +356,13 @@ class Scheduler:
         """On the executor: every chunk decoded and encoded; the viewers' handed over at once, the rest returned."""
         later = []
         for chunk in denoised:
+            start = time.monotonic()
             try:  # a stream whose client left is skipped: its memory is freed next
                 result = None if chunk.stream.closed else self.runner.deliver(chunk)
             except Exception as e:  # noqa: BLE001 - any failure ends this stream, never the others
                 result = e
+            if isinstance(result, MediaChunk):
+                self._delivery_seconds = time.monotonic() - start
             if chunk.stream.request.realtime:
                 loop.call_soon_threadsafe(self._delivered, [(chunk, result)])
             else:
