@@ -214,7 +214,7 @@ HEADER = [
 def line(row: dict) -> str:
     """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it)."""
     remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
-    batched = "yes" if row.get("batched", True) else "one at a time"
+    batched = "as served" if row.get("batched", True) else "one at a time"
     columns = [row["sessions"], row["player"], row["lead"], remake, batched, cells(row), row.get("missed", "-")]
     return "| " + " | ".join(map(str, [*columns, row["change_display_ms"]["n"]])) + " |"
 
@@ -240,7 +240,7 @@ def markdown(report: dict) -> str:
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
         "made again under a change that came while they were denoised (off: not made again). *Batched*: the sessions' "
-        "chunks share turns (one at a time: each turn one session's chunk). *Missed*: changes that came while the "
+        "chunks share turns as the server batches them, or one at a time (each turn one session's chunk). *Missed*: changes that came while the "
         "next chunk was already past its denoising, so that it was made under the old setting and the change shows "
         "a chunk later. Median / p95 in ms; n = changes (starts: n / changes per session).",
         "",
