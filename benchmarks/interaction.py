@@ -239,10 +239,11 @@ def markdown(report: dict) -> str:
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
-        "made again under a change that came while they were denoised (off: not made again). *Batched*: the sessions' "
-        "chunks share turns as the server batches them, or one at a time (each turn one session's chunk). *Missed*: changes that came while the "
-        "next chunk was already past its denoising, so that it was made under the old setting and the change shows "
-        "a chunk later. Median / p95 in ms; n = changes (starts: n / changes per session).",
+        "made again under a change that came while they were denoised (off: not made again). *Batched*: the "
+        "sessions' chunks share turns as the server batches them, or one at a time (each turn one session's chunk). "
+        "*Missed*: changes that came while the next chunk was already past its denoising, so that it was made under "
+        "the old setting and the change shows a chunk later. Median / p95 in ms; n = changes (starts: n / changes "
+        "per session).",
         "",
         *HEADER,
     ]
