@@ -7,17 +7,19 @@ count. Per change: *arrive* = send -> the first media of the first chunk made un
 *display* = send -> the page displays that chunk's first frame (the page reports each displayed frame's number:
 `player.displayed`). With n sessions, n pages run at once, one session each.
 
-The configurations, player + pacing [+ no-remake] [+ one-at-a-time], are measured in one run, interleaved round
-by round so that they share the machine's load (a shared CPU's load moves by the minute), after one round not
-measured: the page's WebCodecs player or its MSE fallback (`player=mse`); the pacing lead measured per stream
-(`ServedStream.lead`) or the constant one second it replaced (the lead pinned to PACE_LEAD_SECONDS for those
-rounds); with "no-remake", a change that arrives while a chunk is denoised waits for the next chunk instead of
-having that chunk made again (`Runner.remake` off for those rounds; the table counts the chunks made again); and
-with "one-at-a-time", every turn runs one stream's chunk (`Scheduler.max_batch` 1, the scheduler before batching).
-"webcodecs+measured" is what the page and server do now; "mse+fixed" is the pacing before issue 14 with today's
-MSE fallback, which like the WebCodecs player catches up with the live edge after a stall (the page before issue 14
-did not: its own run, on its commit, is `interaction_before.json`). The server overlaps decoding with denoising as
-`streamgen serve` does (`--no-overlap`: as `streamgen serve --no-overlap`).
+The configurations, player + pacing [+ variant], are measured in one run, interleaved round by round so that they
+share the machine's load (a shared CPU's load moves by the minute), after one round not measured: the page's
+WebCodecs player or its MSE fallback (`player=mse`); the pacing lead measured per stream (`ServedStream.lead`) or
+the constant one second it replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds); and the server as it
+is, or with one of its latency cuts undone for those rounds: "no-remake", a change that arrives while a chunk is
+denoised waits for the next chunk instead of having that chunk made again (`Runner.remake` off; the table counts
+the chunks made again); "batch-all", every ready viewer shares a turn however long its decoding then queues (no
+`Scheduler._viewers_per_turn` limit); or, instead of batching, "one-at-a-time", each turn one stream's chunk
+(`Scheduler.max_batch` 1, the scheduler before batching). "webcodecs+measured" is what the page and server do now;
+"mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the WebCodecs player catches up with
+the live edge after a stall (the page before issue 14 did not: its own run, on its commit, is
+`interaction_before.json`). The server overlaps decoding with denoising as `streamgen serve` does (`--no-overlap`:
+as `streamgen serve --no-overlap`).
 
     OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--rounds 3] [--changes 4]
 
@@ -52,8 +54,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"]
 PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
 LEADS = ("measured", "fixed")
+VARIANTS = ("no-remake", "batch-all", "one-at-a-time")  # a latency cut undone (see above)
 CONFIGS = [f"{player}+{lead}" for player, lead in itertools.product(PLAYERS, LEADS)]
-CONFIGS[1:1] = ["webcodecs+measured+no-remake", "webcodecs+measured+one-at-a-time"]
+CONFIGS[1:1] = [f"webcodecs+measured+{variant}" for variant in VARIANTS]
+BATCHING = {"batch-all": "all ready", "one-at-a-time": "one at a time"}  # else "as served"
 # Runs of older code kept in results/, shown under this run's table: file -> which code ran.
 REFERENCES = {
     "interaction_c54ab6b.json": "the code of issue 14 before its latency cuts (commit c54ab6b), with this script",
@@ -139,6 +143,22 @@ def pacing(lead: str) -> Iterator[None]:
         ServedStream.lead = measured
 
 
+@contextlib.contextmanager
+def undone(scheduler, variants: list[str]) -> Iterator[None]:
+    """The server with the latency cuts named in `variants` (VARIANTS) undone until the block ends."""
+    runner, max_batch = scheduler.runner, scheduler.max_batch
+    runner.remake = "no-remake" not in variants
+    if "batch-all" in variants:  # no limit on the viewers in a turn (as before it: c54ab6b)
+        scheduler._viewers_per_turn = lambda: None
+    if "one-at-a-time" in variants:
+        scheduler.max_batch = 1
+    try:
+        yield
+    finally:
+        runner.remake, scheduler.max_batch = True, max_batch
+        vars(scheduler).pop("_viewers_per_turn", None)
+
+
 async def run_pages(browser, url: str, count: int, query: str, args: argparse.Namespace, changes: int) -> list[dict]:
     """`count` pages at once, each with its own session: one Start, `changes` changes, Stop."""
     pages = []
@@ -158,7 +178,7 @@ async def run_pages(browser, url: str, count: int, query: str, args: argparse.Na
 async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dict]:
     """Every configuration with `count` sessions, `args.rounds` rounds of each, interleaved; timings pooled."""
     scheduler = server.app.scheduler
-    runner, max_batch = scheduler.runner, scheduler.max_batch
+    runner = scheduler.runner
     runs: dict[str, list[dict]] = {config: [] for config in args.configs.split(",")}
     remade = dict.fromkeys(runs, 0)
     counted = hasattr(runner, "remade")  # code from before the remake has no count
@@ -168,13 +188,11 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             await run_pages(browser, server.url, count, "", args, changes=2)
             for _, config in itertools.product(range(args.rounds), runs):
                 player, lead, *flags = config.split("+")
-                runner.remake, before = "no-remake" not in flags, getattr(runner, "remade", 0)
-                scheduler.max_batch = 1 if "one-at-a-time" in flags else max_batch
-                with pacing(lead):
+                before = getattr(runner, "remade", 0)
+                with pacing(lead), undone(scheduler, flags):
                     runs[config] += await run_pages(browser, server.url, count, PLAYERS[player], args, args.changes)
                 remade[config] += getattr(runner, "remade", 0) - before
         finally:
-            runner.remake, scheduler.max_batch = True, max_batch
             await browser.close()
     rows = []
     for config, pages in runs.items():
@@ -186,7 +204,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             "player": player,
             "lead": lead,
             "remake": "no-remake" not in flags,
-            "batched": "one-at-a-time" not in flags,
+            "batching": next((BATCHING[flag] for flag in flags if flag in BATCHING), "as served"),
             "remade": remade[config] if counted else None,
             "first_frame_ms": summary([s["display_ms"] for s in starts]),
             "first_media_ms": summary([s["arrive_ms"] for s in starts]),
@@ -205,7 +223,7 @@ def cells(row: dict) -> str:
 
 
 HEADER = [
-    "| sessions | player | pacing lead | remake | batched | first frame | change -> arrives | change -> displayed | "
+    "| sessions | player | pacing lead | remake | batching | first frame | change -> arrives | change -> displayed | "
     "chunk | missed | n |",
     "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
 ]
@@ -214,8 +232,7 @@ HEADER = [
 def line(row: dict) -> str:
     """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it)."""
     remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
-    batched = "as served" if row.get("batched", True) else "one at a time"
-    columns = [row["sessions"], row["player"], row["lead"], remake, batched, cells(row), row.get("missed", "-")]
+    columns = [row["sessions"], row["player"], row["lead"], remake, row["batching"], cells(row), row["missed"]]
     return "| " + " | ".join(map(str, [*columns, row["change_display_ms"]["n"]])) + " |"
 
 
@@ -239,8 +256,8 @@ def markdown(report: dict) -> str:
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
-        "made again under a change that came while they were denoised (off: not made again). *Batched*: the "
-        "sessions' chunks share turns as the server batches them, or one at a time (each turn one session's chunk). "
+        "made again under a change that came while they were denoised (off: not made again). *Batching*: the "
+        "sessions' chunks share turns as the server batches them, all ready ones, or one at a time. "
         "*Missed*: changes that came while the next chunk was already past its denoising, so that it was made under "
         "the old setting and the change shows a chunk later. Median / p95 in ms; n = changes (starts: n / changes "
         "per session).",
@@ -252,7 +269,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Issue 14's target, median change -> displayed under half a second plus one chunk's generation "
               "(WebCodecs player, measured lead, this run's median chunk time):"]
     for row in rows:
-        if row["player"] == "webcodecs" and row["lead"] == "measured" and row["remake"] and row["batched"]:
+        if (row["player"], row["lead"], row["remake"], row["batching"]) == ("webcodecs", "measured", True, "as served"):
             now, target = row["change_display_ms"]["median"], 500 + row["chunk_ms"]["median"]
             met = "met" if now < target else "not met"
             lines.append(f"- {row['sessions']} session(s): {now:.0f} ms against {target:.0f} ms: {met}")
