@@ -26,8 +26,10 @@ import torch
 from quality import psnr  # the sibling script's, one PSNR for every benchmark
 from streamgen.bench import load_average, save_report
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
-from streamgen.training.data import EVAL_SEED
-from streamgen.training.world import VideoWorld, background_name, estimate_background, parse_caption, semantic_score
+from streamgen_train.data import EVAL_SEED
+from streamgen_train.world.grammar import parse_caption
+from streamgen_train.world.scene import VideoWorld
+from streamgen_train.world.scorer import background_name, estimate_background, semantic_score
 from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"

@@ -1,6 +1,6 @@
 """Real footage through a model: VAE reconstruction PSNR and continuation, on photographs no stage trained on.
 
-Clips are camera moves over scikit-image's held-out photographs (`streamgen.training.footage.HELD_OUT`) at the
+Clips are camera moves over scikit-image's held-out photographs (`streamgen_train.footage.HELD_OUT`) at the
 model's resolution. For each: (a) PSNR of the VAE round trip (encode, then the streaming decoder, as an uploaded
 clip is shown); (b) the stream continuing the clip's first 13 frames with the empty prompt, PSNR of each
 continuation chunk against what the camera really saw next and the distance of its mean colour from the truth's
@@ -22,8 +22,8 @@ from PIL import Image
 from quality import psnr  # the sibling script's, one PSNR for every benchmark
 from streamgen.bench import load_average, save_report
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
-from streamgen.training import footage
-from streamgen.training.data import EVAL_SEED
+from streamgen_train import footage
+from streamgen_train.data import EVAL_SEED
 from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"

@@ -29,10 +29,11 @@ from streamgen.bench import load_average, save_report
 from streamgen.config import StreamConfig
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.pipeline import StreamingPipeline
-from streamgen.training import stages
-from streamgen.training.components import causal_teacher
-from streamgen.training.data import CHUNKS, EVAL_SEED
-from streamgen.training.world import VideoWorld, semantic_score
+from streamgen_train import stages
+from streamgen_train.components import causal_teacher
+from streamgen_train.data import CHUNKS, EVAL_SEED
+from streamgen_train.world.scene import VideoWorld
+from streamgen_train.world.scorer import semantic_score
 from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 BUDGETS = (1, 2, 4, 8, 16)

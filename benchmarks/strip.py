@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
-from streamgen.training.world import CaptionSpec, Scene, parse_caption, render, sample_scene
+from streamgen_train.world.grammar import CaptionSpec, parse_caption
+from streamgen_train.world.scene import Scene, render, sample_scene
 
 CHUNKS = (0, 1, 2, 4, 8, 16)
 LABEL = 14  # pixels of the label column's text rows (at 2x)

@@ -1,6 +1,6 @@
 """streamgen: endless, live autoregressive video with AnyFlow flow maps on diffusers' FAR model.
 
-Names are imported on first use: `streamgen.training.world` and the CLI start without loading torch/diffusers.
+Names are imported on first use: the CLI starts without loading torch/diffusers.
 """
 
 from __future__ import annotations

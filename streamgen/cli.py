@@ -193,14 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     serve.set_defaults(run=serve_command)
 
-    # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`.
-    delegated = {"bench": "streamgen.bench", "train": "streamgen.training.cli"}
+    # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`. Training is not part of the
+    # runtime: `streamgen train` runs the recipe of the `train` extra when it is installed.
+    delegated = {"bench": "streamgen.bench", "train": "streamgen_train.cli"}
     commands.add_parser("bench", help="latency and fps per step budget (streamgen bench --help)")
-    commands.add_parser("train", help="train the default model (streamgen train --help)")
+    commands.add_parser("train", help="train the default model (streamgen train --help; the train extra)")
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in delegated:
-        return importlib.import_module(delegated[argv[0]]).main(argv[1:])
+        try:
+            command = importlib.import_module(delegated[argv[0]])
+        except ImportError as e:
+            if argv[0] != "train" or not (e.name or "").startswith("streamgen_train"):
+                raise
+            print(
+                "streamgen train: error: the training recipe is not installed: pip install 'streamgen[train]' "
+                "(from a checkout: pip install -e './train')",
+                file=sys.stderr,
+            )
+            return 2
+        return command.main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.run(args)

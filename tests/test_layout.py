@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from streamgen import StreamingPipeline
+from streamgen.cli import main
 from streamgen.models import NotCausalError, is_bidirectional, load_transformer
 
 
@@ -44,12 +46,13 @@ PACKAGES = {  # import name -> its folder
     "streamgen": ROOT / "streamgen",
     "streamgen_server": ROOT / "server" / "streamgen_server",
     "streamgen_client": ROOT / "clients" / "python" / "streamgen_client",
+    "streamgen_train": ROOT / "train" / "streamgen_train",
 }
 # Layers, bottom up: a module may import its own layer's modules (without cycles) and those of layers below. The
 # `streamgen` command is the top: it wires the library, the server and the training recipe together.
 LAYERS = {
     "streamgen": 0,  # the library
-    "streamgen.training": 1,
+    "streamgen_train": 1,
     "streamgen_server": 1,
     "streamgen.cli": 2,
     "streamgen_client": 0,  # talks to the server over the wire only
@@ -110,3 +113,10 @@ def test_imports_only_point_down() -> None:
 
     for name in graph:
         assert (cycle := cycle_from(name, [name])) is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_streamgen_train_without_the_recipe_says_what_to_install(monkeypatch, capsys) -> None:
+    """The runtime ships without training: `streamgen train` then fails in one line that names the extra."""
+    monkeypatch.setitem(sys.modules, "streamgen_train", None)  # as if the train extra were not installed
+    assert main(["train", "all"]) == 2
+    assert "pip install 'streamgen[train]'" in capsys.readouterr().err

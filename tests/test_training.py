@@ -12,16 +12,17 @@ from transformers import UMT5EncoderModel
 
 from streamgen.models import far_from_wan
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
-from streamgen.training import components as C
-from streamgen.training import stages
-from streamgen.training.data import pixel_clips
-from streamgen.training.losses import (
+from streamgen_train import components as C
+from streamgen_train import stages
+from streamgen_train.data import pixel_clips
+from streamgen_train.losses import (
     consistency_loss,
     flow_matching_loss,
     flowmap_loss,
     teacher_loss,
 )
-from streamgen.training.world import VideoWorld, semantic_score
+from streamgen_train.world.scene import VideoWorld
+from streamgen_train.world.scorer import semantic_score
 
 TINY = C.Sizes(
     height=32,
@@ -227,7 +228,7 @@ def test_default_model_beats_untrained_weights_of_its_shape(one_thread):
 
 
 def test_ema_averages_weights_and_resumes_without_one(tmp_path):
-    from streamgen.training.loop import EMA, Run
+    from streamgen_train.loop import EMA, Run
 
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)

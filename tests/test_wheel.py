@@ -1,5 +1,5 @@
 """The runtime as a user installs it: a wheel built from this tree, installed (not editable) into a fresh virtual
-environment, serves the web page at `/` from its own package data.
+environment, serves the web page at `/` from its own package data; the training recipe is not in it.
 
 The venv sees the system's site-packages (torch and the other dependencies are not installed again) and the wheel
 goes in with `--no-deps`; the test then checks that the package it runs is the venv's copy, not this checkout.
@@ -40,10 +40,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def test_the_wheel_holds_the_page(wheel: Path) -> None:
+def test_the_wheel_holds_the_page_and_no_training(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "streamgen_server/web/index.html" in names
     assert any(name.startswith("streamgen/assets/default-model/") for name in names)
+    assert not [name for name in names if "train" in name.split("/")[0] or "/training/" in name]
 
 
 def test_an_installed_wheel_serves_the_page(wheel: Path, tmp_path: Path) -> None:

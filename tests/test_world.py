@@ -7,21 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 
-from streamgen.training.world import (
+from streamgen_train.world.grammar import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
     SHAPES,
     CaptionSpec,
-    VideoWorld,
-    analyse,
     parse_caption,
-    render,
-    sample_scene,
-    score_details,
-    semantic_score,
     vocabulary,
 )
+from streamgen_train.world.scene import VideoWorld, render, sample_scene
+from streamgen_train.world.scorer import analyse, score_details, semantic_score
 
 SEEDS = range(12)
 OPPOSITE = {name: next(o for o, v in DIRECTIONS.items() if v == (-x, -y)) for name, (x, y) in DIRECTIONS.items()}

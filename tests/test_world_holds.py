@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from streamgen.pipeline import StreamingPipeline
-from streamgen.training import components as C
-from streamgen.training import footage, stages
-from streamgen.training.world import background_name, estimate_background, parse_caption
+from streamgen_train import components as C
+from streamgen_train import footage, stages
+from streamgen_train.world.grammar import parse_caption
+from streamgen_train.world.scorer import background_name, estimate_background
 
 # The three prompts of the issue report, streamed together (one batched transformer call per step).
 PROMPTS = (

@@ -17,8 +17,8 @@ from diffusers import (
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from ..models import far_from_wan
-from .world import vocabulary
+from streamgen.models import far_from_wan
+from .world.grammar import vocabulary
 
 # Wan shifts its training and sampling times towards noise by 5 at 480p; our 8x8 latents carry far less
 # redundancy per frame, so a milder shift (the SD3 resolution rule moves it down with the token count).

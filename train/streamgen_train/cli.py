@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline import DEFAULT_MODEL
+from streamgen.pipeline import DEFAULT_MODEL
 from . import stages
 from .stages import Recipe
 

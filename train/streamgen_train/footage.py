@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import Seed
+from .world.scene import Seed
 
 # Colour photographs and textures shipped inside the scikit-image wheel (no download); grayscale ones are
 # replicated to RGB, so the VAE also sees luminance-only detail.

@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from tqdm import tqdm
 
-from ..vae import encode_video
+from streamgen.vae import encode_video
 from . import footage
-from .world import VideoWorld
+from .world.scene import VideoWorld
 
 CHUNKS = (
     1,

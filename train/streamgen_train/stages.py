@@ -21,10 +21,10 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..config import StreamConfig
-from ..engine import SinkWindow, StreamingEngine, TextCondition
-from ..models import far_from_wan, load_transformer
-from ..pipeline import DEFAULT_MODEL, StreamingPipeline
+from streamgen.config import StreamConfig
+from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
+from streamgen.models import far_from_wan, load_transformer
+from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
 from .loop import EMA, Run, generator, optimize
@@ -36,7 +36,7 @@ from .losses import (
     flowmap_loss,
     teacher_loss,
 )
-from .world import VideoWorld, example_captions
+from .world.scene import VideoWorld, example_captions
 
 CAPTION = "a large red circle moving right quickly on a black background"
 # The stage whose transformer `export` ships: stage 1, since stage 2 tracked the teacher less closely at every

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
-from ..engine import attention
+from streamgen.engine import attention
 from .components import shifted_sigmas
 from .data import CHUNKS
 
