@@ -16,11 +16,7 @@ from __future__ import annotations
 import torch
 from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
-from diffusers.models.transformers.transformer_anyflow_far import (
-    AnyFlowCausalAttnProcessor,
-    AnyFlowCausalRotaryPosEmbed,
-    apply_rotary_emb,
-)
+from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalRotaryPosEmbed, apply_rotary_emb
 
 FAR = "diffusers.models.transformers.transformer_anyflow_far"
 WAN_VAE = "diffusers.models.autoencoders.autoencoder_kl_wan"
@@ -41,7 +37,6 @@ PRIVATE_API: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )  # fmt: skip
 
 __all__ = [
-    "AnyFlowCausalAttnProcessor",
     "AnyFlowCausalRotaryPosEmbed",
     "apply_rotary_emb",
     "condition",

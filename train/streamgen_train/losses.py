@@ -3,7 +3,7 @@
 The layout is the FAR training layout: every chunk appears noisy (to be denoised) and clean (as context for later
 chunks, "teacher forcing"); chunks beyond `full_chunk_limit` are clean compressed context. diffusers builds its
 mask as a flex-attention `BlockMask`, which has no backward on CPU; we evaluate the very same `mask_mod` on an index
-grid instead and hand the dense boolean mask to the SDPA processor `streamgen.engine.attention` installs.
+grid instead and hand the dense boolean mask to the SDPA processor of `attention`.
 
 Times are sigmas in [0, 1] here (z_t = (1 - t) x0 + t noise, v = noise - x0); the model takes them x1000.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
-from streamgen.engine import attention
+from . import attention
 from .components import shifted_sigmas
 from .data import CHUNKS
 
