@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
     reference_engine = StreamingEngine(teacher, scheduler)
     engines = {name: StreamingEngine(model, scheduler) for name, model in models.items()}
     window = StreamConfig().window
-    pipe = StreamingPipeline(teacher, vae, scheduler, encoder, tokenizer, max_sequence_length=32)
+    pipe = StreamingPipeline(teacher, vae, scheduler, encoder, tokenizer)
     world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
     clip = CLIP_LATENT_FRAMES
     stride, scale = pipe.latent_scale  # the VAE's: frames per latent frame after the first, pixels per latent

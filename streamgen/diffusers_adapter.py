@@ -13,6 +13,8 @@ forward. Checked against diffusers 0.42 (`pyproject.toml` pins the minor version
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
@@ -39,6 +41,7 @@ PRIVATE_API: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 __all__ = [
     "AnyFlowCausalRotaryPosEmbed",
     "apply_rotary_emb",
+    "compressed_frames",
     "condition",
     "decoder_cache",
     "decode_latent_frame",
@@ -101,6 +104,13 @@ def output_head(
     hidden = (model.norm_out(hidden.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(hidden)
     h, w = latent_size
     return model._unpack_latent_sequence(model.proj_out(hidden), frames, h, w, model.config.patch_size[1])
+
+
+def compressed_frames(model: AnyFlowFARTransformer3DModel, partition: Sequence[int]) -> int:
+    """Frames of a training layout that diffusers' `_forward_train` turns into compressed context: the chunks
+    beyond `full_chunk_limit` (training builds its inputs and dense mask to match)."""
+    excess = max(0, len(partition) - model.config.full_chunk_limit)
+    return sum(partition[:excess])
 
 
 # -- RoPE ------------------------------------------------------------------------------------------------------------

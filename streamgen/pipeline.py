@@ -28,7 +28,7 @@ from .config import StreamConfig, check_steps
 from .engine import SinkWindow, StreamingEngine, TextCondition
 from .engine.batch import DenoiseRequest, denoise_batch
 from .models import NotCausalError, is_bidirectional, load_transformer
-from .text import DEFAULT_MAX_SEQUENCE_LENGTH, PromptEncoder
+from .text import PromptEncoder
 from .vae import StreamingDecoder, encode_video, to_uint8_frames
 
 COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -97,7 +97,6 @@ class StreamingPipeline:
         text_encoder: UMT5EncoderModel,
         tokenizer,
         config: StreamConfig | None = None,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         example_prompts: list[str] | None = None,
     ) -> None:
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
@@ -105,7 +104,7 @@ class StreamingPipeline:
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.config = config or StreamConfig()
         self.engine = StreamingEngine(transformer, scheduler)
-        self.prompts = PromptEncoder(tokenizer, text_encoder, max_sequence_length)
+        self.prompts = PromptEncoder(tokenizer, text_encoder)
         self.usage = Usage()  # device time over all sessions: what adaptive budgets see of each other
         self._encoding = threading.Lock()  # the Wan VAE's encoder keeps its causal cache on the module
 
@@ -126,7 +125,7 @@ class StreamingPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         stream = json.loads((directory / STREAM_CONFIG).read_text()) if (directory / STREAM_CONFIG).is_file() else {}
-        max_sequence_length = stream.pop("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+        stream.pop("max_sequence_length", None)  # older exports wrote it; the tokenizer's limit is the one source
         example_prompts = stream.pop("example_prompts", [])
         transformer = load_transformer(directory / "transformer", dtype).to(device)
         # A stream is chunked as the model was trained, unless our stream config says otherwise.
@@ -139,7 +138,6 @@ class StreamingPipeline:
             text_encoder=UMT5EncoderModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype).to(device).eval(),
             tokenizer=AutoTokenizer.from_pretrained(directory / "tokenizer"),
             config=StreamConfig(**stream),
-            max_sequence_length=max_sequence_length,
             example_prompts=example_prompts,
         )
 
@@ -158,10 +156,7 @@ class StreamingPipeline:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write diffusers' `AnyFlowFARPipeline` layout plus our stream defaults (ignored by diffusers)."""
         self.as_reference().save_pretrained(directory)
-        stream = dataclasses.asdict(self.config) | {
-            "max_sequence_length": self.prompts.max_sequence_length,
-            "example_prompts": self.example_prompts,
-        }
+        stream = dataclasses.asdict(self.config) | {"example_prompts": self.example_prompts}
         (Path(directory) / STREAM_CONFIG).write_text(json.dumps(stream, indent=2) + "\n")
 
     def as_reference(self) -> AnyFlowFARPipeline:

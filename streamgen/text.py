@@ -12,7 +12,8 @@ from collections import OrderedDict
 
 import torch
 
-DEFAULT_MAX_SEQUENCE_LENGTH = 512  # AnyFlowFARPipeline's default
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # AnyFlowFARPipeline's default, for a tokenizer that sets no limit of its own
+_NO_LIMIT = 2**20  # transformers' "no limit" is a huge model_max_length (about 1e30)
 
 
 def clean_prompt(text: str) -> str:
@@ -20,13 +21,20 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
+def max_sequence_length(tokenizer) -> int:
+    """Prompt tokens the model reads: its tokenizer's own `model_max_length` (the one source: our models' tokenizers
+    set it), else diffusers' default."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else DEFAULT_MAX_SEQUENCE_LENGTH
+
+
 class PromptEncoder:
     """`encode(prompt) -> (1, max_sequence_length, dim)` embeddings, zero past the prompt's tokens."""
 
-    def __init__(self, tokenizer, text_encoder, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH, cache_size: int = 32):
+    def __init__(self, tokenizer, text_encoder, cache_size: int = 32):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length(tokenizer)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 

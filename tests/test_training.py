@@ -213,7 +213,6 @@ def test_default_model_beats_untrained_weights_of_its_shape(one_thread):
         text_encoder=UMT5EncoderModel(trained.text_encoder.config).eval(),
         tokenizer=trained.tokenizer,
         config=trained.config,
-        max_sequence_length=trained.prompts.max_sequence_length,
     )
     prompts = [
         CAPTIONS[0],

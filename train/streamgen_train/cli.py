@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from streamgen.pipeline import DEFAULT_MODEL
+from streamgen import options
+from streamgen.pipeline import DEFAULT_MODEL, default_device
 from . import stages
 from .stages import Recipe
 
@@ -68,9 +69,7 @@ def main(argv: list[str]) -> int:
         default=stages.SHIPPED_STAGE,
         help=f"which transformer 'export' ships (default: {stages.SHIPPED_STAGE})",
     )
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    options.add(parser, "device")
     parser.add_argument(
         "--clips", type=int, default=512, help="clips in the latent training set"
     )
@@ -81,19 +80,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--minutes", type=float, help="time box per training stage (wall clock)"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads: on a shared machine one thread per process beats contended thread pools by far",
-    )
+    options.add(parser, "threads")
+    parser.set_defaults(threads=1)  # on a shared machine one thread per process beats contended thread pools by far
     args = parser.parse_args(argv)
     if args.steps is not None and args.stage == "all":
         parser.error("--steps applies to one stage; use --scale with 'all'")
-    torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     recipe = Recipe(
         root=args.out,
-        device=torch.device(args.device),
+        device=torch.device(args.device) if args.device else default_device(),
         batch=args.batch,
         clips=args.clips,
         export_to=args.export_to,

@@ -141,5 +141,8 @@ def encode_captions(
 
 
 def shifted_sigmas(u: torch.Tensor) -> torch.Tensor:
-    """Wan's training-time distribution: uniform u pushed towards noise by SHIFT (the scheduler's own map)."""
-    return SHIFT * u / (1 + (SHIFT - 1) * u)
+    """Wan's training-time distribution: uniform u pushed towards noise by the scheduler's own shift map."""
+    return _SHIFT_MAP.apply_shift(u)
+
+
+_SHIFT_MAP = build_scheduler()  # read for its shift only (`set_timesteps` is never called on it)

@@ -14,17 +14,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from tqdm import tqdm
 
+from streamgen.config import StreamConfig
 from streamgen.vae import encode_video
 from . import footage
 from .world.scene import VideoWorld
 
-CHUNKS = (
-    1,
-    3,
-    3,
-    3,
-    3,
-)  # the stream's chunking (first an image, then 3 latent frames) over a 13-frame clip
+# The stream's chunking (first an image, then clips), the stream config's, over a 13-latent-frame training clip.
+CHUNKS = tuple(StreamConfig().partition(5))
 # World seeds apart from the training steps' (seed = step index), so statistics and the latent set are held apart,
 # and the benchmarks' prompts come from seeds no stage draws.
 STATS_SEED, LATENT_SEED, EVAL_SEED = 10**8, 10**8 + 1, 10**9

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
+from streamgen.diffusers_adapter import compressed_frames
+
 from . import attention
 from .components import shifted_sigmas
 from .data import CHUNKS
@@ -44,7 +46,7 @@ def far_mask(
         device=torch.device("cpu"),
     )
     cfg = model.config
-    compressed = _compressed_frames(model, partition)
+    compressed = compressed_frames(model, partition)
     length = (
         compressed
         * (h // cfg.compressed_patch_size[1])
@@ -59,13 +61,6 @@ def far_mask(
     index = torch.arange(length)
     return block.mask_mod(0, 0, index[:, None], index[None, :]).to(model.device)
 
-
-def _compressed_frames(
-    model: AnyFlowFARTransformer3DModel, partition: tuple[int, ...]
-) -> int:
-    """Frames that `_forward_train` turns into compressed context (chunks beyond `full_chunk_limit`)."""
-    excess = max(0, len(partition) - model.config.full_chunk_limit)
-    return sum(partition[:excess])
 
 
 def causal_velocity(
@@ -86,7 +81,7 @@ def causal_velocity(
         `(B, F_full, C, h, w)`, F_full being the frames after the compressed context.
     """
     attention.install(model)
-    c = _compressed_frames(model, partition)
+    c = compressed_frames(model, partition)
     hidden = torch.cat([clean[:, :c], noisy[:, c:]], dim=1)
     zero = torch.zeros_like(t[:, :c])
     h, w = noisy.shape[-2:]
@@ -209,7 +204,7 @@ def flowmap_loss(
     t, r = (x.to(device) for x in sample_times(x0.shape[0], partition, gen))
     s = torch.maximum(r, t - 1 / TEACHER_STEPS)
     z = (1 - _b(t)) * x0 + _b(t) * noise
-    c = _compressed_frames(model, partition)
+    c = compressed_frames(model, partition)
     u = causal_velocity(model, z, x0, t, r, text, partition)
     with torch.no_grad():
         velocity = causal_velocity(teacher, z, x0, t, t, text, partition)
@@ -262,7 +257,7 @@ def consistency_loss(
     t, t_next = (per_frame(grid[i], partition).to(device) for i in (index, index + 1))
     noise = torch.randn(x0.shape, generator=gen).to(device)
     z = (1 - _b(t)) * x0 + _b(t) * noise
-    c = _compressed_frames(model, partition)
+    c = compressed_frames(model, partition)
     zero = torch.zeros_like(t)
     with torch.no_grad():
         v = causal_velocity(teacher, z, x0, t, t, text, partition)

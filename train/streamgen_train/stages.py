@@ -361,7 +361,6 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
     opt_fake = torch.optim.AdamW(fake.parameters(), lr=1e-4, weight_decay=0.0)
     engine = StreamingEngine(student, C.build_scheduler())
     grids = {n: _sigmas(student, n).to(recipe.device) for n in BUDGETS}
-    latent_size = (recipe.sizes.height // 8, recipe.sizes.width // 8)
 
     def step(i: int) -> dict[str, float]:
         x0, text, partition, gen = _data_step(
@@ -372,7 +371,7 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         grid = grids[budget]
         batch = x0.shape[0]
 
-        context = _stream(engine, text, partition[:-1], budget, latent_size, gen)
+        context = _stream(engine, text, partition[:-1], budget, x0.shape[2:], gen)
         z = torch.randn(batch, partition[-1], *x0.shape[2:], generator=gen).to(
             recipe.device
         )
@@ -407,13 +406,14 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _stream(engine, text, sizes, steps, latent_size, gen) -> torch.Tensor:
-    """The student's own stream for chunks of `sizes` at a `steps` budget, through the KV-cached engine."""
-    cache = engine.new_cache(latent_size, max(CHUNKS), SinkWindow(1, None))
+def _stream(engine, text, sizes, steps, shape, gen) -> torch.Tensor:
+    """The student's own stream for chunks of `sizes` at a `steps` budget, through the KV-cached engine; `shape`:
+    a latent frame's (channels, h, w)."""
+    cache = engine.new_cache(tuple(shape[1:]), max(CHUNKS), SinkWindow(1, None))
     condition = TextCondition(text)
-    chunks = [torch.zeros(text.shape[0], 0, 16, *latent_size, device=text.device)]
+    chunks = [torch.zeros(text.shape[0], 0, *shape, device=text.device)]
     for frames in sizes:
-        noise = torch.randn(text.shape[0], frames, 16, *latent_size, generator=gen).to(
+        noise = torch.randn(text.shape[0], frames, *shape, generator=gen).to(
             text.device
         )
         latents = engine.denoise(cache, noise, condition, steps)
@@ -450,7 +450,6 @@ def export(recipe: Recipe, stage: str = SHIPPED_STAGE) -> dict:
         text_encoder=encoder,
         tokenizer=tokenizer,
         config=StreamConfig(height=recipe.sizes.height, width=recipe.sizes.width),
-        max_sequence_length=C.MAX_SEQUENCE_LENGTH,
         example_prompts=example_captions(),
     )
     pipe.save_pretrained(recipe.export_to)
