@@ -202,18 +202,34 @@ def flowmap_loss(
     device = x0.device
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t, r = (x.to(device) for x in sample_times(x0.shape[0], partition, gen))
-    s = torch.maximum(r, t - 1 / TEACHER_STEPS)
     z = (1 - _b(t)) * x0 + _b(t) * noise
-    c = compressed_frames(model, partition)
     u = causal_velocity(model, z, x0, t, r, text, partition)
-    with torch.no_grad():
-        velocity = causal_velocity(teacher, z, x0, t, t, text, partition)
-        z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * velocity], dim=1)
-        rest = causal_velocity(model, z_s, x0, s, r, text, partition)
-        t, s, r = (_b(x[:, c:]) for x in (t, s, r))
-        composed = ((t - s) * velocity + (s - r) * rest) / (t - r).clamp_min(1e-6)
-        target = torch.where(t - r > 1e-4, composed, velocity)
-    return weighted_mse(u, target, x0[:, c:])
+    target = flowmap_target(model, teacher, z, x0, t, r, text, partition)
+    return weighted_mse(u, target, x0[:, compressed_frames(model, partition) :])
+
+
+@torch.no_grad()
+def flowmap_target(
+    model: AnyFlowFARTransformer3DModel,
+    teacher: AnyFlowFARTransformer3DModel,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    text: torch.Tensor,
+    partition: tuple[int, ...],
+) -> torch.Tensor:
+    """`flowmap_loss`'s target for u(z_t, t, r) on every full-resolution frame: one teacher Euler step t -> s,
+    s = max(r, t - 1 / TEACHER_STEPS), then the model's own jump s -> r, as one jump t -> r; the teacher's
+    velocity where t and r (almost) meet. `t`, `r`: `(B, frames)`."""
+    c = compressed_frames(model, partition)
+    s = torch.maximum(r, t - 1 / TEACHER_STEPS)
+    velocity = causal_velocity(teacher, z, x0, t, t, text, partition)
+    z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * velocity], dim=1)
+    rest = causal_velocity(model, z_s, x0, s, r, text, partition)
+    t, s, r = (_b(x[:, c:]) for x in (t, s, r))
+    composed = ((t - s) * velocity + (s - r) * rest) / (t - r).clamp_min(1e-6)
+    return torch.where(t - r > 1e-4, composed, velocity)
 
 
 def flow_matching_loss(
