@@ -294,12 +294,12 @@ def _open(source: Source) -> BinaryIO:
     return source
 
 
-def trim_to_4k_plus_1(frames: np.ndarray) -> np.ndarray:
-    """The last 1 + 4k frames: the frame counts the Wan VAE encodes without dropping a remainder. The end is kept
-    because it is what a stream continues."""
+def trim_to_clip_length(frames: np.ndarray, stride: int) -> np.ndarray:
+    """The last 1 + stride * k frames: the frame counts a causal video VAE of that temporal `stride` (the Wan
+    VAE's is 4) encodes without dropping a remainder. The end is kept because it is what a stream continues."""
     if len(frames) == 0:
         raise MediaError("no frames to trim")
-    return frames[(len(frames) - 1) % 4 :]
+    return frames[(len(frames) - 1) % stride :]
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:

@@ -268,7 +268,8 @@ class StreamingPipeline:
             max_frames=inputs.integer(max_context_frames, "max_context_frames", 1), first=image is not None,
             progress=progress,
         )  # fmt: skip
-        clip = dataclasses.replace(clip, frames=media.trim_to_4k_plus_1(clip.frames))  # the counts the VAE encodes
+        frames = media.trim_to_clip_length(clip.frames, self.latent_scale[0])  # the counts the VAE encodes
+        clip = dataclasses.replace(clip, frames=frames)
         with self._encoding:
             latents = encode_video(self.vae, clip.frames)
         decoder = StreamingDecoder(self.vae)

@@ -144,7 +144,7 @@ def encode_video(vae: AutoencoderKLWan, frames: np.ndarray | torch.Tensor) -> to
     t, _, h, w = video.shape
     stride = vae.config.scale_factor_temporal
     if t % stride != 1:
-        raise ValueError(f"frame count must be 1 + {stride}k, got {t} (see streamgen.media.trim_to_4k_plus_1)")
+        raise ValueError(f"frame count must be 1 + {stride}k, got {t} (see streamgen.media.trim_to_clip_length)")
     factor = vae.config.scale_factor_spatial
     if h % factor or w % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {h}x{w}")

@@ -23,7 +23,7 @@ from streamgen.media import (
     Mp4Writer,
     read_clip,
     read_frames,
-    trim_to_4k_plus_1,
+    trim_to_clip_length,
     write_mp4,
 )
 
@@ -151,10 +151,11 @@ def test_missing_and_empty_files_raise_media_error(tmp_path: Path) -> None:
         read_frames(png, height=8, width=8)
 
 
-def test_trim_to_4k_plus_1() -> None:
-    assert [len(trim_to_4k_plus_1(np.zeros((n, 2, 2, 3)))) for n in [1, 4, 5, 8, 9, 12]] == [1, 1, 5, 5, 9, 9]
+def test_trim_to_clip_length() -> None:
+    assert [len(trim_to_clip_length(np.zeros((n, 2, 2, 3)), 4)) for n in [1, 4, 5, 8, 9, 12]] == [1, 1, 5, 5, 9, 9]
+    assert [len(trim_to_clip_length(np.zeros((n, 2, 2, 3)), 2)) for n in [1, 2, 4, 5]] == [1, 1, 3, 5]
     with pytest.raises(MediaError):
-        trim_to_4k_plus_1(np.zeros((0, 2, 2, 3)))
+        trim_to_clip_length(np.zeros((0, 2, 2, 3)), 4)
 
 
 def test_fragmented_stream_delivers_each_chunk_at_once(tmp_path: Path) -> None:
