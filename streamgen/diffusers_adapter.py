@@ -97,7 +97,11 @@ def run_block(
 
 
 def output_head(
-    model: AnyFlowFARTransformer3DModel, hidden: torch.Tensor, temb: torch.Tensor, frames: int, latent_size: tuple[int, int]
+    model: AnyFlowFARTransformer3DModel,
+    hidden: torch.Tensor,
+    temb: torch.Tensor,
+    frames: int,
+    latent_size: tuple[int, int],
 ) -> torch.Tensor:
     """The velocity `(B, frames, C, h, w)` of the last `frames` frames' tokens (`hidden` holds only theirs)."""
     shift, scale = (model.scale_shift_table + temb.unsqueeze(2)).chunk(2, dim=2)

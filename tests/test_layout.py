@@ -78,7 +78,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *filter(None, [base])])
             # `from package import module` imports the module; `from module import name`, the module
             targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
     return {t for t in targets if t in modules and t != name}

@@ -61,7 +61,7 @@ class Metrics:
         for stage in STAGES:  # every stage listed from the start, at 0
             self._stages.labels(stage)
         self._drops = counter("viewer_drops", "Times a viewer fell behind and was dropped to the next key frame.")
-        self._errors = counter("errors", "Error messages sent to clients and refused HTTP requests, by code.", ("code",))
+        self._errors = counter("errors", "Error messages sent and HTTP requests refused, by code.", ("code",))
         self._latency = Histogram(
             PREFIX + "chunk_latency_seconds",
             "Server time per chunk: generation plus encoding.",
