@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,55 +272,55 @@ def _data_step(recipe: Recipe, data: LatentSet, tokenizer, encoder, i: int, salt
 
 def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
     """Stage 1: the FAR student, initialised from the teacher, learns the forward flow map on data chunks."""
-    run = recipe.run("student")
-    data = latent_set(recipe)
-    tokenizer, encoder = load_text(recipe)
     teacher = load_teacher(recipe)
     student = far_from_wan(teacher).to(recipe.device)
     anchor = C.causal_teacher(teacher)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
-    ema = EMA(student)
 
-    def step(i: int) -> dict[str, float]:
-        x0, text, partition, gen = _data_step(
-            recipe, data, tokenizer, encoder, i, salt=2
-        )
-        loss = flowmap_loss(student, anchor, x0, text, partition, gen)
-        optimize(optimizer, loss)
-        ema.update(student)
-        return {"flowmap": loss.item()}
+    def loss(x0, text, partition, gen) -> torch.Tensor:
+        return flowmap_loss(student, anchor, x0, text, partition, gen)
 
-    losses = run.train(
-        steps, {"student": student, "ema": ema}, {"opt": optimizer}, step, minutes=recipe.minutes
-    )
-    ema.average.save_pretrained(run.final / "transformer")
-    return losses
+    return _train_causal(recipe, "student", steps, student, loss, "flowmap", salt=2)
 
 
 def train_consistency(recipe: Recipe, steps: int) -> dict[str, float]:
     """Baseline: consistency distillation of the same teacher into the same causal architecture, same data and
-    steps as stage 1. r-blind (gate 0), so the engine's jump t -> r is exactly multistep consistency sampling."""
-    run = recipe.run("consistency")
-    data = latent_set(recipe)
-    tokenizer, encoder = load_text(recipe)
+    steps as stage 1. r-blind (gate 0), so the engine's jump t -> r is exactly multistep consistency sampling.
+    Its targets use the model itself (iCT style); like stage 1, it ships its weights' average."""
     teacher = C.causal_teacher(load_teacher(recipe))
     model = copy.deepcopy(teacher).requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    ema = EMA(model)  # what it ships, as stage 1; its targets use the model itself (iCT)
     grid = _sigmas(teacher, TEACHER_STEPS)
 
-    def step(i: int) -> dict[str, float]:
-        x0, text, partition, gen = _data_step(
-            recipe, data, tokenizer, encoder, i, salt=3
-        )
-        loss = consistency_loss(model, teacher, x0, text, partition, gen, grid)
-        optimize(optimizer, loss)
-        ema.update(model)
-        return {"cd": loss.item()}
+    def loss(x0, text, partition, gen) -> torch.Tensor:
+        return consistency_loss(model, teacher, x0, text, partition, gen, grid)
 
-    losses = run.train(
-        steps, {"model": model, "ema": ema}, {"opt": optimizer}, step, minutes=recipe.minutes
-    )
+    return _train_causal(recipe, "consistency", steps, model, loss, "cd", salt=3)
+
+
+def _train_causal(
+    recipe: Recipe,
+    stage: str,
+    steps: int,
+    model: AnyFlowFARTransformer3DModel,
+    loss: Callable[[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Generator], torch.Tensor],
+    name: str,
+    salt: int,
+) -> dict[str, float]:
+    """What stage 1 and the baseline share: `loss(x0, text, partition, gen)` on teacher-forced data chunks (the
+    same data, batch and optimizer for both, so they compare), logged as `name`; ships the EMA of `model`."""
+    run = recipe.run(stage)
+    data = latent_set(recipe)
+    tokenizer, encoder = load_text(recipe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMA(model)
+
+    def step(i: int) -> dict[str, float]:
+        x0, text, partition, gen = _data_step(recipe, data, tokenizer, encoder, i, salt=salt)
+        value = loss(x0, text, partition, gen)
+        optimize(optimizer, value)
+        ema.update(model)
+        return {name: value.item()}
+
+    losses = run.train(steps, {stage: model, "ema": ema}, {"opt": optimizer}, step, minutes=recipe.minutes)
     ema.average.save_pretrained(run.final / "transformer")
     return losses
 
