@@ -169,8 +169,21 @@ def test_sessions_are_spread_over_both_replicas_and_stream_whole(deployment, tmp
 
 
 def test_each_replicas_metrics_reach_rays_metrics_endpoint(deployment) -> None:
-    """Through the proxy `/metrics` is one replica's; Ray's endpoint has each replica's, tagged with its name."""
+    """Through the proxy `/metrics` is one replica's; Ray's endpoint has each replica's, tagged with its name.
+    Every replica streams a chunk first, so the test stands alone."""
+    url, _ = deployment
     names = set(replicas())
+
+    async def a_chunk_on_every_replica() -> None:
+        clients: list[tuple[StreamClient, str]] = []
+        while {replica for _, replica in clients} != names:
+            assert len(clients) < len(names) * SLOTS  # a full replica's next session goes to another
+            clients.append(await started(url, f"metrics {len(clients)}"))
+        for client, _ in clients:
+            await next_of(client, "chunk")
+            await client.close()
+
+    run(a_chunk_on_every_replica())
     deadline = time.monotonic() + 60
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
