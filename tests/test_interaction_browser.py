@@ -33,6 +33,15 @@ def canvas_picture(page) -> np.ndarray:  # noqa: F811
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"), dtype=float)
 
 
+async def run_scheduler_until(scheduler: Scheduler, event: asyncio.Event) -> None:
+    """Run `scheduler` until `event` is set (at most a minute), then stop it and shut it down."""
+    running = asyncio.create_task(scheduler.run())
+    await asyncio.wait_for(event.wait(), 60)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await scheduler.shutdown()
+
+
 def test_webcodecs_player_plays_and_reports_displayed_frames(pipe, page) -> None:  # noqa: F811
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -235,11 +244,7 @@ def test_a_viewers_chunk_goes_out_before_the_rest_of_its_turn_is_encoded(pipe, o
             return deliver(chunk)
 
         scheduler._delivered, scheduler.runner.deliver = observe_delivered, observe_deliver
-        running = asyncio.create_task(scheduler.run())
-        await asyncio.wait_for(done.wait(), 60)
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await scheduler.shutdown()
+        await run_scheduler_until(scheduler, done)
         return answer[0]
 
     assert asyncio.run(handed_while_the_next_is_encoded(realtime=True))
@@ -287,11 +292,7 @@ def test_the_worker_denoises_at_most_one_turn_ahead_of_the_encoder(pipe) -> None
             return deliver(chunk)
 
         scheduler.runner.denoise, scheduler.runner.deliver = counted, held_up
-        running = asyncio.create_task(scheduler.run())
-        await asyncio.wait_for(released.wait(), 60)
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await scheduler.shutdown()
+        await run_scheduler_until(scheduler, released)
         return held[0]
 
     assert not asyncio.run(third_turn_while_two_wait())
