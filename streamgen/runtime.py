@@ -325,8 +325,7 @@ def session_bytes(pipe: StreamingPipeline, config: StreamConfig) -> int:
     VAE decoder's causal state. Known before the session starts; nothing is allocated to compute it."""
     scale = pipe.latent_scale[1]
     latent_size = (config.height // scale, config.width // scale)
-    frames = max(config.first_chunk_frames, config.chunk_frames)
-    cache = pipe.engine.new_cache(latent_size, frames, SinkWindow(config.sink, config.window))
+    cache = pipe.engine.new_cache(latent_size, config.max_chunk_frames, SinkWindow(config.sink, config.window))
     rows = 2 if config.guidance_scale > 1 else 1
     return pipe.engine.cache_bytes(cache, rows) + _decoder_bytes(pipe.vae, latent_size)
 
