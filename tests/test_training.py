@@ -28,6 +28,7 @@ TINY = C.Sizes(
     height=32,
     width=32,
     vae_base_dim=4,
+    vae_decoder_base_dim=4,
     text_dim=32,
     heads=2,
     head_dim=16,

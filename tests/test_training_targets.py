@@ -9,7 +9,7 @@ from streamgen.models import far_from_wan
 from streamgen_train import components as C
 from streamgen_train.losses import TEACHER_STEPS, causal_velocity, flowmap_target, shifted_sigmas
 
-TINY = C.Sizes(height=32, width=32, vae_base_dim=4, text_dim=32, heads=2, head_dim=16, layers=2, ffn_dim=64)
+TINY = C.Sizes(height=32, width=32, vae_base_dim=4, vae_decoder_base_dim=4, text_dim=32, heads=2, head_dim=16, layers=2, ffn_dim=64)
 PARTITION = (1, 3, 3, 3)  # with full_chunk_limit 3 the first chunk is compressed context
 
 

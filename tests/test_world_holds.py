@@ -6,6 +6,8 @@ clips, had never decoded in its steady state (docs/training.md). Judged by the w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -62,15 +64,21 @@ def test_the_shipped_model_offers_example_prompts_made_of_words_it_knows(shipped
         assert set(prompt.split()) <= known
 
 
-def test_decoder_stage_moves_the_decoder_and_keeps_the_latent_space(tmp_path, one_torch_thread):
-    """The decoder is fine-tuned after the transformers learned the encoder's latents: the encoder must not move."""
-    sizes = C.Sizes(height=32, width=32, vae_base_dim=4)
-    recipe = stages.Recipe(root=tmp_path, sizes=sizes, batch=4)
+@pytest.mark.parametrize("decoder_width", [4, 8])
+def test_decoder_stage_moves_the_decoder_and_keeps_the_latent_space(tmp_path, one_torch_thread, decoder_width):
+    """The decoder is fine-tuned (or, wider, trained anew) after the transformers learned the encoder's latents:
+    the encoder and its latent statistics must not move."""
+    sizes = C.Sizes(height=32, width=32, vae_base_dim=4, vae_decoder_base_dim=4)
     vae = C.build_vae(sizes)
+    vae.register_to_config(latents_mean=[0.5] * 16)  # as the vae stage measures them
+    recipe = stages.Recipe(root=tmp_path, sizes=replace(sizes, vae_decoder_base_dim=decoder_width), batch=4)
     vae.save_pretrained(recipe.run("vae").final / "vae")
     stages.train_decoder(recipe, steps=1)
     tuned = stages.load_vae(recipe)  # the decoder stage's, now that it has run
+    assert tuned.config.decoder_base_dim == decoder_width
+    assert tuned.config.latents_mean == vae.config.latents_mean
     for name in ("encoder", "quant_conv"):
         for before, after in zip(getattr(vae, name).parameters(), getattr(tuned, name).parameters()):
             assert torch.equal(before, after)
-    assert not all(torch.equal(a, b) for a, b in zip(vae.decoder.parameters(), tuned.decoder.parameters()))
+    if decoder_width == 4:
+        assert not all(torch.equal(a, b) for a, b in zip(vae.decoder.parameters(), tuned.decoder.parameters()))

@@ -34,6 +34,9 @@ class Sizes:
     height: int = 64
     width: int = 64
     vae_base_dim: int = 8
+    # The decoder draws every frame the stream shows, and at base 8 it could not redraw the world's shapes (the VAE's
+    # round trip kept half of them, docs/training.md); twice the width costs ~0.15 s more per 12-frame chunk.
+    vae_decoder_base_dim: int = 16
     text_dim: int = 64
     heads: int = 4
     head_dim: int = 32
@@ -75,6 +78,7 @@ def build_vae(sizes: Sizes) -> AutoencoderKLWan:
     """Wan's causal VAE (8x space, 4x time, 16 channels) with few channels: its decoder runs in the live loop."""
     return AutoencoderKLWan(
         base_dim=sizes.vae_base_dim,
+        decoder_base_dim=sizes.vae_decoder_base_dim,
         z_dim=16,
         dim_mult=[1, 1, 2, 2],
         num_res_blocks=1,

@@ -188,14 +188,25 @@ def _reconstruction_loss(vae: AutoencoderKLWan, z: torch.Tensor, x: torch.Tensor
 
 def train_decoder(recipe: Recipe, steps: int) -> dict[str, float]:
     """The VAE's decoder alone, on latents of the frozen encoder: sharper frames without moving the latent space
-    the transformers were trained in, so it can run after (or beside) them. Clips the vae stage did not draw."""
+    the transformers were trained in, so it can run after (or beside) them. Clips the vae stage did not draw.
+
+    The decoder may be wider than the vae stage's (`Sizes.vae_decoder_base_dim`): it then starts from scratch
+    (at a from-scratch learning rate), else from the vae stage's decoder."""
     run = recipe.run("decoder")
-    vae = AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae").to(recipe.device)
-    vae.requires_grad_(False)
+    trained = AutoencoderKLWan.from_pretrained(recipe.require("vae") / "vae")
+    vae = AutoencoderKLWan.from_config(
+        {**trained.config, "decoder_base_dim": recipe.sizes.vae_decoder_base_dim}
+    )
+    new_decoder = vae.config.decoder_base_dim != (trained.config.decoder_base_dim or trained.config.base_dim)
+    weights = trained.state_dict()
+    if new_decoder:
+        weights = {k: v for k, v in weights.items() if not k.startswith("decoder.")}
+    vae.load_state_dict(weights, strict=not new_decoder)
+    vae = vae.to(recipe.device).requires_grad_(False)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for param in decoder:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(decoder, lr=3e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(decoder, lr=1e-3 if new_decoder else 3e-4, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, _DECODER_SEED + i, recipe.batch // 4, VAE_CLIP_FRAMES)
