@@ -11,15 +11,20 @@ The configurations, player + pacing [+ variant], are measured in one run, interl
 share the machine's load (a shared CPU's load moves by the minute), after one round not measured: the page's
 WebCodecs player or its MSE fallback (`player=mse`); the pacing lead measured per stream (`ServedStream.lead`) or
 the constant one second it replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds); and the server as it
-is, or with one of its latency cuts undone for those rounds: "no-remake", a change that arrives while a chunk is
-denoised waits for the next chunk instead of having that chunk made again (`Runner.remake` off; the table counts
-the chunks made again); "batch-all", every ready viewer shares a turn however long its decoding then queues (no
+is, or with one of its latency cuts undone for those rounds: "whole-chunks", each chunk decoded, encoded and sent
+whole instead of a latent frame (4 frames) at a time (`ServedStream.split` off); "no-remake", a change that arrives
+while a chunk is denoised waits for the next chunk instead of having that chunk made again (`Runner.remake` off; the
+table counts the chunks made again); "batch-all", every ready viewer shares a turn however long its decoding then queues (no
 `Scheduler._viewers_per_turn` limit); or, instead of batching, "one-at-a-time", each turn one stream's chunk
 (`Scheduler.max_batch` 1, the scheduler before batching). "webcodecs+measured" is what the page and server do now;
 "mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the WebCodecs player catches up with
 the live edge after a stall (the page before issue 14 did not: its own run, on its commit, is
 `interaction_before.json`). The server overlaps decoding with denoising as `streamgen serve` does (`--no-overlap`:
 as `streamgen serve --no-overlap`).
+
+Of the changes that miss the next chunk, the table counts those that came while a chunk they missed was denoised
+and committed but not yet being decoded (*waiting*: the server's own clock, `Timeline`): with a remake rule extended
+to chunks whose decode has not started, these would show a chunk earlier.
 
     OMP_NUM_THREADS=1 python benchmarks/interaction.py [--sessions 1,4] [--rounds 3] [--changes 4]
 
@@ -38,14 +43,19 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import statistics
+import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from playwright.async_api import async_playwright
 
 from streamgen import bench
+from streamgen.runtime import Stream
 from streamgen_server.app import serve_in_thread
 from streamgen_server.scheduler import PACE_LEAD_SECONDS, ServedStream
 
@@ -54,7 +64,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"]
 PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
 LEADS = ("measured", "fixed")
-VARIANTS = ("no-remake", "batch-all", "one-at-a-time")  # a latency cut undone (see above)
+VARIANTS = ("whole-chunks", "no-remake", "batch-all", "one-at-a-time")  # a latency cut undone (see above)
 CONFIGS = [f"{player}+{lead}" for player, lead in itertools.product(PLAYERS, LEADS)]
 CONFIGS[1:1] = [f"webcodecs+measured+{variant}" for variant in VARIANTS]
 BATCHING = {"batch-all": "all ready", "one-at-a-time": "one at a time"}  # else "as served"
@@ -72,7 +82,9 @@ DRIVE = """async ({starts, changes, steps, session}) => {
   const hook = (ws) => ws.addEventListener("message", (e) => {
     if (typeof e.data !== "string") return;
     const msg = JSON.parse(e.data);
-    if (msg.type === "segment" && msg.kind === "chunk") segments.set(msg.chunk, {t: now(), first: msg.first_frame});
+    if (msg.type === "segment" && msg.kind === "chunk" && !segments.has(msg.chunk)) {  // its first piece
+      segments.set(msg.chunk, {t: now(), first: msg.first_frame});
+    }
     if (msg.type === "started") segments.clear();
     if (msg.type === "chunk") chunks.push({...msg, t: now()});
   });
@@ -146,8 +158,10 @@ def pacing(lead: str) -> Iterator[None]:
 @contextlib.contextmanager
 def undone(scheduler, variants: list[str]) -> Iterator[None]:
     """The server with the latency cuts named in `variants` (VARIANTS) undone until the block ends."""
-    runner, max_batch = scheduler.runner, scheduler.max_batch
+    runner, max_batch, split = scheduler.runner, scheduler.max_batch, vars(ServedStream).get("split")
     runner.remake = "no-remake" not in variants
+    if "whole-chunks" in variants:
+        ServedStream.split = property(lambda stream: False)
     if "batch-all" in variants:  # no limit on the viewers in a turn (as before it: c54ab6b)
         scheduler._viewers_per_turn = lambda: None
     if "one-at-a-time" in variants:
@@ -157,6 +171,60 @@ def undone(scheduler, variants: list[str]) -> Iterator[None]:
     finally:
         runner.remake, scheduler.max_batch = True, max_batch
         vars(scheduler).pop("_viewers_per_turn", None)
+        if split is not None:  # code from before sub-chunk sending has none
+            ServedStream.split = split
+
+
+class Timeline:
+    """The server's own clock, per stream (by its first prompt): when each control change reached it, and when each
+    chunk was denoised and committed and when its decode began. Recorded over the runner and the streams."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, list[float]] = defaultdict(list)
+        self.committed: dict[str, dict[int, float]] = defaultdict(dict)
+        self.decoding: dict[str, dict[int, float]] = defaultdict(dict)
+
+    @contextlib.contextmanager
+    def recording(self, runner) -> Iterator[None]:
+        denoise, deliver, changes = runner.denoise, runner.deliver, (Stream.set_prompt, Stream.set_budget)
+
+        def noted(change):
+            def noting(stream, *args, **kwargs) -> None:
+                change(stream, *args, **kwargs)
+                if hasattr(stream, "request"):  # not the budget a stream sets itself up with
+                    self.changes[stream.request.prompt].append(time.perf_counter())
+
+            return noting
+
+        def denoising(streams):
+            chunks = denoise(streams)
+            for chunk in chunks:  # committed: its session's next chunk is the one after it
+                self.committed[chunk.stream.request.prompt][chunk.stream.session.chunk_index - 1] = time.perf_counter()
+            return chunks
+
+        def delivering(chunk):
+            self.decoding[chunk.stream.request.prompt][chunk.stream.chunks] = time.perf_counter()
+            return deliver(chunk)
+
+        runner.denoise, runner.deliver = denoising, delivering
+        Stream.set_prompt, Stream.set_budget = map(noted, changes)
+        try:
+            yield
+        finally:
+            del runner.denoise, runner.deliver
+            Stream.set_prompt, Stream.set_budget = changes
+
+    def waiting(self, prompt: str, index: int, change: dict) -> bool:
+        """Whether the `index`-th change of the stream started with `prompt` came while a chunk it missed was
+        committed but not yet being decoded."""
+        at, missed = self.changes[prompt][index], range(change["chunk"] - change["missed"], change["chunk"])
+        committed, decoding = self.committed[prompt], self.decoding[prompt]
+        return any(committed.get(n, math.inf) <= at < decoding.get(n, math.inf) for n in missed)
+
+
+def prompt(session: int) -> str:
+    """The prompt a page starts its session with (the server's streams are told apart by it)."""
+    return f"session {session}: a red fox"
 
 
 async def run_pages(browser, url: str, count: int, query: str, args: argparse.Namespace, changes: int) -> list[dict]:
@@ -165,7 +233,7 @@ async def run_pages(browser, url: str, count: int, query: str, args: argparse.Na
     try:
         for i in range(count):
             page = await browser.new_page()
-            await page.goto(f"{url}?prompt=session%20{i}%3A%20a%20red%20fox&steps={args.steps}{query}")
+            await page.goto(f"{url}?prompt={quote(prompt(i))}&steps={args.steps}{query}")
             await page.wait_for_function("() => window.streamgen?.state === 'idle'", timeout=60_000)
             pages.append(page)
         options = {"starts": 1, "changes": changes, "steps": args.steps}
@@ -188,10 +256,14 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             await run_pages(browser, server.url, count, "", args, changes=2)
             for _, config in itertools.product(range(args.rounds), runs):
                 player, lead, *flags = config.split("+")
-                before = getattr(runner, "remade", 0)
-                with pacing(lead), undone(scheduler, flags):
-                    runs[config] += await run_pages(browser, server.url, count, PLAYERS[player], args, args.changes)
+                before, timeline = getattr(runner, "remade", 0), Timeline()
+                with pacing(lead), undone(scheduler, flags), timeline.recording(runner):
+                    pages = await run_pages(browser, server.url, count, PLAYERS[player], args, args.changes)
                 remade[config] += getattr(runner, "remade", 0) - before
+                for i, page in enumerate(pages):
+                    for k, change in enumerate(page["changes"]):
+                        change["waiting"] = change["missed"] > 0 and timeline.waiting(prompt(i), k, change)
+                runs[config] += pages
         finally:
             await browser.close()
     rows = []
@@ -204,6 +276,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             "player": player,
             "lead": lead,
             "remake": "no-remake" not in flags,
+            "split": "whole-chunks" not in flags,
             "batching": next((BATCHING[flag] for flag in flags if flag in BATCHING), "as served"),
             "remade": remade[config] if counted else None,
             "first_frame_ms": summary([s["display_ms"] for s in starts]),
@@ -212,6 +285,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             "change_display_ms": summary([c["display_ms"] for c in changes]),
             "chunk_ms": summary([c["chunk_ms"] for c in changes]),
             "missed": sum(c["missed"] > 0 for c in changes),
+            "waiting": sum(c["waiting"] for c in changes),
             "raw": pages,
         })  # fmt: skip
     return rows
@@ -223,17 +297,25 @@ def cells(row: dict) -> str:
 
 
 HEADER = [
-    "| sessions | player | pacing lead | remake | batching | first frame | change -> arrives | change -> displayed | "
-    "chunk | missed | n |",
-    "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    "| sessions | player | pacing lead | sent | remake | batching | first frame | change -> arrives | "
+    "change -> displayed | chunk | missed (waiting) | n |",
+    "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
 ]
 
 
 def line(row: dict) -> str:
-    """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it)."""
+    """A configuration's row; `remake`: chunks made again under a change, or "off" (or "-": code without it). Runs of
+    code from before sub-chunk sending sent whole chunks and did not time the waiting."""
     remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
-    columns = [row["sessions"], row["player"], row["lead"], remake, row["batching"], cells(row), row["missed"]]
+    sent = "by latent frame" if row.get("split") else "whole chunks"
+    missed = f"{row['missed']}" + (f" ({row['waiting']})" if "waiting" in row else "")
+    columns = [row["sessions"], row["player"], row["lead"], sent, remake, row["batching"], cells(row), missed]
     return "| " + " | ".join(map(str, [*columns, row["change_display_ms"]["n"]])) + " |"
+
+
+def row_key(row: dict) -> tuple:
+    """What a row's configuration is: player, pacing lead, split, remake, batching."""
+    return row["player"], row["lead"], row.get("split", False), row["remake"], row["batching"]
 
 
 def run_line(report: dict) -> str:
@@ -256,11 +338,13 @@ def markdown(report: dict) -> str:
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
-        "made again under a change that came while they were denoised (off: not made again). *Batching*: the "
+        "made again under a change that came while they were denoised (off: not made again). *Sent*: each chunk "
+        "decoded, encoded and sent a latent frame (4 frames) at a time, or whole. *Batching*: the "
         "sessions' chunks share turns as the server batches them, all ready ones, or one at a time. "
         "*Missed*: changes that came while the next chunk was already past its denoising, so that it was made under "
-        "the old setting and the change shows a chunk later. Median / p95 in ms; n = changes (starts: n / changes "
-        "per session).",
+        "the old setting and the change shows a chunk later; in brackets, those of them that came while a chunk they "
+        "missed was denoised but its decode had not begun (a remake rule extended to such chunks would have shown "
+        "them a chunk earlier). Median / p95 in ms; n = changes (starts: n / changes per session).",
         "",
         *HEADER,
     ]
@@ -269,7 +353,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Issue 14's target, median change -> displayed under half a second plus one chunk's generation "
               "(WebCodecs player, measured lead, this run's median chunk time):"]
     for row in rows:
-        if (row["player"], row["lead"], row["remake"], row["batching"]) == ("webcodecs", "measured", True, "as served"):
+        if row_key(row) == ("webcodecs", "measured", True, True, "as served"):
             now, target = row["change_display_ms"]["median"], 500 + row["chunk_ms"]["median"]
             met = "met" if now < target else "not met"
             lines.append(f"- {row['sessions']} session(s): {now:.0f} ms against {target:.0f} ms: {met}")

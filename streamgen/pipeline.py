@@ -488,14 +488,14 @@ class Session:
         return ChunkTiming(transformer=denoise, cache=_lap(start, engine.device))
 
     def _decode(self, latents: torch.Tensor, steps: int, timing: ChunkTiming, output_type: str):
-        """Decode a committed chunk. A stream's chunks are decoded in order, possibly while its next one denoises
-        (the decoder's state is its own)."""
+        """Decode a committed chunk, or its next latent frames (its decode time adds up in `timing`). A stream's chunks
+        are decoded in order, possibly while its next one denoises (the decoder's state is its own)."""
         result = latents
         if output_type != "latent":
             start = time.perf_counter()
             video = self.decoder.decode(latents.to(self.pipe.vae.dtype))
             result = video if output_type == "pt" else to_uint8_frames(video.float())
-            timing.decode = _lap(start, self.pipe.device)
+            timing.decode += _lap(start, self.pipe.device)
             self.frames_generated += video.shape[2]
         self.timing, self.last_steps = timing, steps
         return result

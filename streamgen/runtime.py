@@ -8,10 +8,13 @@ positions in their streams share each transformer call; chunks of different shap
 chunk, run as separate groups), commits each stream's cache, then decodes and H.264-encodes each chunk and returns
 one `MediaChunk` per stream. A stream's frames are the same batched as alone (`tests/test_runtime.py`).
 
-The two halves of a turn are separate calls (`denoise`, then `deliver` per chunk) so that a server may decode
-and encode one turn's chunks while the next turn denoises. A control change (`Stream.set_prompt`, `set_budget`)
-that arrives while a stream's chunk is being denoised does not wait for the next chunk: the chunk is dropped before
-it is committed and denoised again under the change, from the same noise, in the same turn.
+The two halves of a turn are separate calls (`denoise`, then `deliver` per chunk) so that a server may decode and
+encode one turn's chunks while the next turn denoises. A stream that splits its chunks (`Stream.split`, a live
+viewer's) gets each chunk a latent frame at a time: each piece (4 frames) is decoded, encoded and handed over before
+the next is decoded, so its first frames can be shown after a third of the chunk's decode rather than all of it. A
+control change (`Stream.set_prompt`, `set_budget`) that arrives while a stream's chunk is being denoised does not
+wait for the next chunk: the chunk is dropped before it is committed and denoised again under the change, from the
+same noise, in the same turn.
 
 Memory is admitted as an LLM server budgets KV blocks: a stream's most bytes (its cache's capacity and its decoder's
 state) are known before it opens, and a stream is admitted only while the sum fits the runner's budget.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +52,8 @@ CPU_MEMORY_SHARE = 0.5
 
 @dataclass
 class MediaChunk:
-    """One chunk of a stream, encoded and ready to send, with where its time went: the one per-chunk record."""
+    """One chunk of a stream, or one piece of it (`Stream.split`), encoded and ready to send, with where its time went:
+    the one per-chunk record. A chunk's pieces share its record (`timing`: complete on its last piece)."""
 
     index: int | None  # generated chunk number; None for the reconstruction of an uploaded image or clip
     first_frame: int  # position in the stream's timeline
@@ -61,6 +66,8 @@ class MediaChunk:
     transition: dict[str, Any] | None = None  # in a prompt transition: {"from": prompt, "weight": the new one's share}
     remade: bool = False  # denoised twice: a control change came while it was first denoised (`Runner.denoise`)
     ready: float = field(default_factory=time.perf_counter)  # when it was encoded (`time.perf_counter`)
+    offset: int = 0  # frames of its chunk before this piece
+    last: bool = True  # the chunk's last piece (a whole chunk is its only piece)
 
 
 class Stream:
@@ -70,6 +77,8 @@ class Stream:
     Changes (`set_prompt`, `set_budget`) take effect at the chunk being denoised when they arrive (it is made again
     under them, see `Runner.denoise`), else at the next one. A driver may make them from another thread than the
     runner's."""
+
+    split = False  # deliver each chunk a latent frame at a time (`Runner.deliver`); a server's live viewers do
 
     def __init__(
         self,
@@ -143,7 +152,7 @@ class Stream:
     ) -> MediaChunk:
         start = time.perf_counter()
         segments = self.encoder.encode(frames)
-        timing.encode = time.perf_counter() - start
+        timing.encode += time.perf_counter() - start
         chunk = MediaChunk(index, self.frames, len(frames), segments, steps, self.session.prompt, timing, batch)
         self.frames += len(frames)
         return chunk
@@ -305,19 +314,27 @@ class Runner:
                 results[i] = (plans[i], z, seconds, share, len(group))
         return results
 
-    def deliver(self, chunk: Denoised) -> MediaChunk:
-        """The second half: decode and encode a denoised chunk, and account its time to the stream's budget."""
-        stream, session = chunk.stream, chunk.stream.session
-        frames = session._decode(chunk.latents, chunk.steps, chunk.timing, "np")
-        media = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
-        media.prompt, media.transition, media.remade = chunk.prompt, chunk.transition, chunk.remade
-        stream.chunks += 1
-        session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
-        return media
+    def deliver(self, chunk: Denoised) -> Iterator[MediaChunk]:
+        """The second half: decode and encode a denoised chunk, and account its time to the stream's budget. Yields
+        the chunk whole, or for a stream that splits (`Stream.split`) a piece per latent frame, each as soon as it is
+        encoded: the decoder is causal, so decoding latent frame by latent frame gives the same frames."""
+        stream, session, latents = chunk.stream, chunk.stream.session, chunk.latents
+        step = 1 if stream.split else latents.shape[1]
+        offset = 0
+        for start in range(0, latents.shape[1], step):
+            frames = session._decode(latents[:, start : start + step], chunk.steps, chunk.timing, "np")
+            piece = stream._encode(stream.chunks, frames, chunk.timing, chunk.steps, chunk.batch)
+            piece.prompt, piece.transition, piece.remade = chunk.prompt, chunk.transition, chunk.remade
+            piece.offset, piece.last = offset, start + step >= latents.shape[1]
+            offset += piece.frames
+            if piece.last:
+                stream.chunks += 1
+                session._account(chunk.timing, chunk.steps, chunk.share, chunk.first)
+            yield piece
 
     def turn(self, streams: list[Stream]) -> list[MediaChunk]:
-        """A whole turn: one chunk of each stream, in the streams' order."""
-        return [self.deliver(chunk) for chunk in self.denoise(streams)]
+        """A whole turn: one chunk of each stream (its pieces, for a stream that splits), in the streams' order."""
+        return [piece for chunk in self.denoise(streams) for piece in self.deliver(chunk)]
 
 
 def session_bytes(pipe: StreamingPipeline, config: StreamConfig) -> int:

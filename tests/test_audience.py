@@ -85,17 +85,17 @@ def test_twenty_watchers_all_decode_the_owners_bytes(pipe: StreamingPipeline) ->
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
             assert f"streamgen_viewers {float(WATCHERS)}" in metrics.splitlines()  # prometheus_client's format
             watched = await asyncio.gather(*viewers)
-            for _ in range(4):  # the owner's media for every chunk a viewer may have seen
+            for _ in range(12):  # the owner's media for every piece of a chunk a viewer may have seen
                 while not isinstance(owned[-1], bytes):
                     owned.append(await owner.recv())
                 owned.append(await owner.recv())
-        owners = {header["chunk"]: data for header, data in media_of(owned) if header["kind"] == "chunk"}
+        owners = {header["first_frame"]: data for header, data in media_of(owned) if header["kind"] == "chunk"}
         for conversation in watched:
             assert events(conversation, "started")[0]["watch_url"] == link
             (init, init_data), *media = media_of(conversation)
             assert init["kind"] == "init" and media[0][0]["keyframe"]  # joined at a key frame, after the init
             assert media[1][0]["first_frame"] == media[0][0]["first_frame"] + media[0][0]["frames"]  # in step
-            assert media[1][1] == owners[media[1][0]["chunk"]]  # the very bytes the owner got
+            assert media[1][1] == owners[media[1][0]["first_frame"]]  # the very bytes the owner got
             frames = decoded_frames(init_data, [data for _, data in media])
             assert frames == sum(header["frames"] for header, _ in media)
 

@@ -195,7 +195,7 @@ def test_a_change_during_a_denoise_remakes_that_chunk_under_it(pipe, monkeypatch
     assert not torch.allclose(beside.latents, chunk.latents)
     assert changed.session.chunk_index == 2  # committed once: the dropped chunk never reached the cache
     assert chunk.timing.transformer > expected.timing.transformer / 4  # both denoises are its time
-    media = runner.deliver(chunk)
+    (media,) = runner.deliver(chunk)  # a plain stream's chunk comes whole
     assert (media.index, media.first_frame, media.prompt, media.remade) == (1, 1, "a blue cube", True)
     assert not beside.remade
 
@@ -215,7 +215,7 @@ def test_a_step_change_during_a_transition_remakes_the_chunk_at_the_same_blend(p
     chunk = runner.denoise([changed])[0]
     assert (chunk.steps, chunk.transition) == (1, {"from": "a red ball", "weight": 0.5})
     torch.testing.assert_close(chunk.latents, expected.latents, rtol=0, atol=1e-6)
-    runner.deliver(chunk)
+    list(runner.deliver(chunk))
     assert runner.turn([changed])[0].transition == {"from": "a red ball", "weight": 1.0}
 
 

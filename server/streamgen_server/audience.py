@@ -1,12 +1,12 @@
 """A live audience: one person steers a stream, many watch it.
 
 The owner's `started` carries a watch link; a viewer opens `/ws?watch=<id>&key=<secret>` and receives the stream
-read-only: the owner's `started`, then the init segment and the media from the next key frame on, the `chunk`
-stats, `viewers` counts, and `stopped` when the owner's session ends. Media is encoded once: every viewer is sent
-the very bytes the owner is (one `segment` header encoded for all). Each viewer has its own bounded queue and
-writer task, so the owner's connection only appends and never waits on a viewer; a viewer that falls
-`viewer_buffer` chunks behind (it reads slowly, or not at all) loses its queue and starts again at the next key
-frame, so it never holds up the stream or the other viewers, and never holds more than that in memory.
+read-only: the owner's `started`, then the init segment and the media from the next key frame on, the `chunk` stats,
+`viewers` counts, and `stopped` when the owner's session ends. Media is encoded once: every viewer is sent the very
+bytes the owner is, piece by piece as the owner is (one `segment` header encoded for all). Each viewer has its own
+bounded queue and writer task, so the owner's connection only appends and never waits on a viewer; a viewer that
+falls `viewer_buffer` chunks behind (it reads slowly, or not at all) loses its queue and starts again at the next
+key frame, so it never holds up the stream or the other viewers, and never holds more than that in memory.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ WATCH_ONLY = protocol.encode(protocol.error(ErrorCode.WATCH_ONLY, "a viewer cann
 
 
 def media_messages(chunk: MediaChunk, start: int = 0) -> Messages:
-    """A chunk's media from fragment `start` on (a key frame, for a viewer joining), as a `segment` header and
-    its data; with the init segment, announced the same way, first when the chunk carries it."""
+    """A chunk's (or a piece's) media from fragment `start` on (a key frame, for a viewer joining), as a `segment`
+    header and its data; with the init segment, announced the same way, first when the chunk carries it."""
     init = [s for s in chunk.segments if s.init]
     fragments = [s for s in chunk.segments if not s.init]
     skipped = sum(s.frames for s in fragments[:start])
@@ -56,8 +56,8 @@ class Viewer:
     def __init__(self, audience: Audience, watch: str, key: str, send: Send, metrics: Metrics) -> None:
         self.audience, self.watch, self.key, self.metrics = audience, watch, key, metrics
         self._send = send
-        self._queue: deque[tuple[bool, Messages]] = deque()  # (is media, messages)
-        self._media = 0  # media items in the queue
+        self._queue: deque[tuple[bool, bool, Messages]] = deque()  # (is media, ends a chunk, messages)
+        self._media = 0  # chunks whose media (their last piece) is in the queue
         self._count: int | None = None  # a viewer count to send: coalesced, the latest wins
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()  # set while everything queued is written
@@ -73,7 +73,7 @@ class Viewer:
             self.push(protocol.encode(protocol.error(e.code, e.message)))
 
     async def receive(self, message: str | bytes) -> None:
-        if self._queue and self._queue[-1] == (False, (WATCH_ONLY,)):
+        if self._queue and self._queue[-1] == (False, False, (WATCH_ONLY,)):
             return  # told already: a flood of messages queues one answer
         self.push(WATCH_ONLY)
 
@@ -91,16 +91,16 @@ class Viewer:
             await asyncio.wait([asyncio.ensure_future(self._idle.wait())], timeout=timeout)
 
     # -- fed by the broadcast (never waits) ----------------------------------------------------------------
-    def push(self, *messages: str | bytes, media: bool = False) -> None:
-        """Queue messages; media that would put this viewer `viewer_buffer` chunks behind drops its queued media
-        instead, and it rejoins at the next key frame."""
+    def push(self, *messages: str | bytes, media: bool = False, ends: bool = True) -> None:
+        """Queue messages; media (a chunk, or a piece of one that `ends` it or not) that would put this viewer
+        `viewer_buffer` chunks behind drops its queued media instead, and it rejoins at the next key frame."""
         if media and self._media >= self.audience.limits.viewer_buffer:
             self._queue = deque(item for item in self._queue if not item[0])
             self._media, self.joined = 0, False
             self.metrics.viewer_dropped()
             return
-        self._queue.append((media, messages))
-        self._media += media
+        self._queue.append((media, media and ends, messages))
+        self._media += media and ends
         self._changed.set()
 
     def tell_count(self, count: int) -> None:
@@ -110,8 +110,8 @@ class Viewer:
     async def _write(self) -> None:
         while True:
             if self._queue:
-                media, messages = self._queue.popleft()
-                self._media -= media
+                _, ends, messages = self._queue.popleft()
+                self._media -= ends
                 for message in messages:
                     await self._send(message)
             elif self._count is not None:
@@ -139,8 +139,9 @@ class Broadcast:
         return f"/?watch={self.id}&key={self.key}"
 
     def publish(self, chunk: MediaChunk, messages: Messages) -> None:
-        """Queue a chunk for every viewer: `messages` (`media_messages(chunk)`, as the owner is sent them) for all
-        in step, and for those joining, the init segment then the chunk from its first key frame (if any) on."""
+        """Queue a chunk, or a piece of one, for every viewer: `messages` (`media_messages(chunk)`, as the owner is
+        sent them) for all in step, and for those joining, the init segment then the chunk from its first key frame
+        (if any) on."""
         if chunk.segments[0].init:
             self._init, messages = messages[:2], messages[2:]
         fragments = [s for s in chunk.segments if not s.init]
@@ -148,9 +149,9 @@ class Broadcast:
         joining = (*self._init, *media_messages(chunk, key)[-2:]) if key is not None else ()
         for viewer in self.viewers:
             if viewer.joined:
-                viewer.push(*messages, media=True)
+                viewer.push(*messages, media=True, ends=chunk.last)
             elif joining:
-                viewer.push(*joining, media=True)
+                viewer.push(*joining, media=True, ends=chunk.last)
                 viewer.joined = True
 
     def tell(self, message: dict[str, Any]) -> None:

@@ -121,6 +121,7 @@ class Connection:
         self._sender: asyncio.Task[None] | None = None  # writes the stream's messages
         self._pause_timer: asyncio.TimerHandle | None = None  # stops the stream once paused too long
         self._writing = asyncio.Lock()  # a `segment` header and its bytes go out back to back
+        self._sent: list[tuple[int, float]] = []  # the pieces of the chunk being sent: (bytes, seconds to send)
 
     async def open(self) -> None:
         """Greet the client with what it needs before a `start`: protocol version, stream format, limits, and what
@@ -281,6 +282,7 @@ class Connection:
                 await self._send(message)
 
     async def _forward(self, stream: ServedStream) -> None:
+        self._sent = []
         try:
             async for message in stream.messages():
                 if isinstance(message, MediaChunk):
@@ -305,27 +307,33 @@ class Connection:
             self._broadcast = None
         return message
 
-    async def _send_media(self, chunk: MediaChunk) -> None:
-        """Each binary message is announced by a `segment` message; a generated chunk is followed by its stats."""
+    async def _send_media(self, piece: MediaChunk) -> None:
+        """Each binary message is announced by a `segment` message; a generated chunk's last piece is followed by the
+        chunk's stats."""
         start = time.perf_counter()
-        messages = media_messages(chunk)
+        messages = media_messages(piece)
         if self._broadcast is not None:
-            self._broadcast.publish(chunk, messages)  # the same messages: encoded once, for everyone
+            self._broadcast.publish(piece, messages)  # the same messages: encoded once, for everyone
         await self._write(*messages)
-        stages = {stage: getattr(chunk.timing, stage) for stage in STAGES} | {"send": time.perf_counter() - start}
-        self.metrics.chunk_sent(chunk.frames, sum(map(len, chunk.segments)), stages)
-        if chunk.index is not None:
+        self._sent.append((sum(map(len, piece.segments)), time.perf_counter() - start))
+        if not piece.last:
+            return
+        (nbytes, send), self._sent = map(sum, zip(*self._sent)), []
+        frames = piece.offset + piece.frames  # the whole chunk's
+        stages = {stage: getattr(piece.timing, stage) for stage in STAGES} | {"send": send}
+        self.metrics.chunk_sent(frames, nbytes, stages)
+        if piece.index is not None:
             latency = {stage: round(1000 * seconds, 2) for stage, seconds in stages.items()}
             latency["total"] = round(sum(latency.values()), 2)
             stats = event(
                 "chunk",
-                chunk=chunk.index,
-                frames=chunk.frames,
-                steps=chunk.steps,
-                batch=chunk.batch,
-                prompt=chunk.prompt,
+                chunk=piece.index,
+                frames=frames,
+                steps=piece.steps,
+                batch=piece.batch,
+                prompt=piece.prompt,
                 latency_ms=latency,
-                **({"transition": chunk.transition} if chunk.transition else {}),
+                **({"transition": piece.transition} if piece.transition else {}),
             )
             if self._broadcast is not None:
                 self._broadcast.tell(stats)

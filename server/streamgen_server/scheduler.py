@@ -3,8 +3,8 @@
 The model is one set of weights on one device. Every chunk runs through one `streamgen.runtime.Runner` on a
 worker thread, so the event loop stays free to answer pings, parse messages and send media meanwhile. Each turn
 takes every stream that can use one and denoises their chunks in one batched call per step; with `overlap`, the
-turn's decoding and encoding run on a second thread while the next turn denoises. A live viewer's chunk goes to its
-connection as soon as it is encoded.
+turn's decoding and encoding run on a second thread while the next turn denoises. A live viewer's chunk is decoded
+and encoded a latent frame at a time, and each piece goes to its connection as soon as it is encoded.
 
 A stream can use a turn when it is not paused, has room in its bounded buffer of encoded chunks (a slow reader
 stalls its own generation, never the server's memory) and, for a live viewer, is not too far ahead of what the
@@ -37,7 +37,8 @@ from .protocol import MAX_SEED, ErrorCode, Limits, ProtocolError, Start, error, 
 log = logging.getLogger(__name__)
 
 # A paced (realtime) stream runs ahead of its viewer's playback by its lead: the time its chunks have lately taken
-# from being due to being encoded (generation, waiting for a turn, and their jitter), plus a frame. Enough buffer
+# from being due to being playable, every piece encoded by the time its frames play (generation, waiting for a turn,
+# and their jitter), plus a frame. Enough buffer
 # for smooth playback and no more, since a prompt or step change shows only after what is buffered: small on a
 # steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is also the lead until the first chunk
 # after the stream's 1-frame opening one is measured.
@@ -69,13 +70,19 @@ class ServedStream(Stream):
         self.in_flight = 0  # chunks in the runner: denoising, or denoised and not yet encoded
         self._due = -math.inf  # paced streams: when the next chunk may start
         self._free = -math.inf  # when it last became free to produce: its latest chunk put, or a resume
-        self._production: deque[float] = deque(maxlen=LEAD_WINDOW)  # seconds from due to encoded, latest chunks
+        self._playable = -math.inf  # the chunk being put: the soonest its first frame can play, every piece in time
+        self._production: deque[float] = deque(maxlen=LEAD_WINDOW)  # seconds from due to playable, latest chunks
         self._chunk_seconds = 0.0  # playback time of the latest chunk put
         self._buffer = buffer
         self._wake = wake
         self._events: deque[dict[str, Any]] = deque()  # a handful by construction: started, error, stopped
         self._media: deque[MediaChunk] = deque()  # at most `buffer`
         self._changed = asyncio.Event()
+
+    @property
+    def split(self) -> bool:
+        """A live viewer's chunks come a latent frame at a time, its first frames sooner; a recorder's whole."""
+        return self.request.realtime
 
     def push(self, message: dict[str, Any]) -> None:
         self._events.append(message)
@@ -93,17 +100,23 @@ class ServedStream(Stream):
             return PACE_LEAD_SECONDS
         return min(PACE_LEAD_SECONDS, max(self._production) + 1 / self.session.fps)
 
-    def put(self, chunk: MediaChunk, now: float) -> None:
-        self._media.append(chunk)
+    def put(self, piece: MediaChunk, now: float) -> None:
+        """A chunk, or a piece of one, for the client; a chunk's last piece moves the pacing on."""
+        self._media.append(piece)
         self._changed.set()
+        fps = self.session.fps
+        self._playable = max(self._playable, now - piece.offset / fps)  # its frames play `offset` after the first's
+        if not piece.last:
+            return
+        playable, self._playable = self._playable, -math.inf
         # Its production time sets the lead; not the first chunk's (it has no due time), nor a chunk's made again under
         # a change (it took a denoise more, once: its viewer may wait for it, later chunks need no more lead for it).
-        if chunk.index and not chunk.remade:
-            self._production.append(now - max(self._due, self._free))
+        if piece.index and not piece.remade:
+            self._production.append(playable - max(self._due, self._free))
         self._free = now
         # Pace to playback, but never bank time: after a pause or a slow chunk, the lead starts over.
-        self._chunk_seconds = chunk.frames / self.session.fps
-        self._due = max(self._due, now - self.lead) + self._chunk_seconds
+        self._chunk_seconds = (piece.offset + piece.frames) / fps
+        self._due = max(self._due, playable - self.lead) + self._chunk_seconds
 
     def pause(self, paused: bool, now: float) -> None:
         self.paused = paused
@@ -113,7 +126,7 @@ class ServedStream(Stream):
         """Seconds until this stream can use a turn; `inf` until something changes (resume, buffer room)."""
         if self.session is None:
             return 0.0
-        if self.paused or len(self._media) + self.in_flight >= self._buffer:
+        if self.paused or sum(piece.last for piece in self._media) + self.in_flight >= self._buffer:
             return math.inf
         if not self.request.realtime:
             return 0.0
@@ -344,38 +357,44 @@ class Scheduler:
 
     async def _deliver(self, denoised: list[Denoised], executor: ThreadPoolExecutor) -> None:
         """Decode and encode a turn's chunks as one job on the executor's one thread, so that each stream's chunks
-        stay in order. A live viewer's chunk is handed to its connection as soon as it is encoded, not when the whole
-        turn is (its pacing keeps it in step with the others); a recorder's when the job ends, so that the turn's
-        recorders become ready together and keep sharing batched calls."""
+        stay in order. A live viewer's chunk is handed to its connection piece by piece, each as soon as it is
+        encoded, not when the whole turn is (its pacing keeps it in step with the others); a recorder's when the job
+        ends, so that the turn's recorders become ready together and keep sharing batched calls."""
         loop = asyncio.get_running_loop()
         self._delivered(await loop.run_in_executor(executor, self._deliver_all, denoised, loop))
 
     def _deliver_all(
         self, denoised: list[Denoised], loop: asyncio.AbstractEventLoop
     ) -> list[tuple[Denoised, MediaChunk | Exception | None]]:
-        """On the executor: every chunk decoded and encoded; the viewers' handed over at once, the rest returned."""
+        """On the executor: every chunk decoded and encoded; the viewers' pieces handed over at once, the rest
+        returned. A chunk is done with at its last piece, its failure, or its stream's end (None)."""
         later = []
         for chunk in denoised:
             start = time.monotonic()
-            try:  # a stream whose client left is skipped: its memory is freed next
-                result = None if chunk.stream.closed else self.runner.deliver(chunk)
+            viewer = chunk.stream.request.realtime
+            result: MediaChunk | Exception | None = None  # None: its client left; its memory is freed next
+            try:
+                for result in () if chunk.stream.closed else self.runner.deliver(chunk):
+                    if viewer and not result.last:  # a piece: to its connection at once
+                        loop.call_soon_threadsafe(self._delivered, [(chunk, result)])
             except Exception as e:  # noqa: BLE001 - any failure ends this stream, never the others
                 result = e
             if isinstance(result, MediaChunk):
                 self._delivery_seconds = time.monotonic() - start
-            if chunk.stream.request.realtime:
+            if viewer:
                 loop.call_soon_threadsafe(self._delivered, [(chunk, result)])
             else:
                 later.append((chunk, result))
         return later
 
     def _delivered(self, results: list[tuple[Denoised, MediaChunk | Exception | None]]) -> None:
-        """On the loop: delivered chunks to their streams (or their failures), then the scheduler woken once, after
-        the streams' connections (which `put` wakes), so that it plans its next turn once they have all taken their
-        chunks: recorders delivered together stay together."""
+        """On the loop: delivered chunks and pieces to their streams (or their failures), then the scheduler woken
+        once, after the streams' connections (which `put` wakes), so that it plans its next turn once they have all
+        taken their chunks: recorders delivered together stay together."""
         for chunk, result in results:
             stream = chunk.stream
-            stream.in_flight -= 1
+            if not isinstance(result, MediaChunk) or result.last:
+                stream.in_flight -= 1  # the chunk is done with
             if isinstance(result, Exception):
                 self._fail(stream, result)
             elif stream.closed:
