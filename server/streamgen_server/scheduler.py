@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 
 # A paced (realtime) stream runs ahead of its viewer's playback by its lead: the time its chunks have lately taken
 # from being due to being playable, every piece encoded by the time its frames play (generation, waiting for a turn,
-# and their jitter), plus a frame. Enough buffer
-# for smooth playback and no more, since a prompt or step change shows only after what is buffered: small on a
-# steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is also the lead until the first chunk
-# after the stream's 1-frame opening one is measured.
+# and their jitter), plus a frame. Enough buffer for smooth playback and no more, since a prompt or step change shows
+# only after what is buffered: small on a steady machine, larger on a loaded one; at most PACE_LEAD_SECONDS, which is
+# also the lead until the first chunk after the stream's 1-frame opening one is measured.
 PACE_LEAD_SECONDS = 1.0
 LEAD_WINDOW = 16  # the latest chunks whose production times set the lead
 
@@ -67,7 +66,7 @@ class ServedStream(Stream):
         self.paused = False
         self.closed = False
         self.position: int | None = None  # place in the waiting queue, as last told to the client
-        self.in_flight = 0  # chunks in the runner: denoising, or denoised and not yet encoded
+        self.in_flight = 0  # chunks in the runner: denoising, or denoised and not yet wholly encoded
         self._due = -math.inf  # paced streams: when the next chunk may start
         self._free = -math.inf  # when it last became free to produce: its latest chunk put, or a resume
         self._playable = -math.inf  # the chunk being put: the soonest its first frame can play, every piece in time
@@ -76,7 +75,7 @@ class ServedStream(Stream):
         self._buffer = buffer
         self._wake = wake
         self._events: deque[dict[str, Any]] = deque()  # a handful by construction: started, error, stopped
-        self._media: deque[MediaChunk] = deque()  # at most `buffer`
+        self._media: deque[MediaChunk] = deque()  # chunks and pieces of at most `buffer` chunks
         self._changed = asyncio.Event()
 
     @property
