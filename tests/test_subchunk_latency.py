@@ -22,6 +22,8 @@ from streamgen import StreamingPipeline
 from streamgen.pipeline import ChunkTiming
 from streamgen.runtime import MediaChunk, Runner, Stream
 from streamgen_server.app import serve_in_thread
+from streamgen_server.audience import Audience, Viewer
+from streamgen_server.metrics import Metrics
 from streamgen_server.protocol import Limits, Start
 from streamgen_server.scheduler import Scheduler, ServedStream
 
@@ -147,3 +149,18 @@ def test_a_viewer_gets_pieces_then_the_chunks_stats_and_a_recorder_whole_chunks(
         for index, at in enumerate(i for i, kind in enumerate(kinds) if kind == "chunk"):
             assert kinds[at - 2 : at] == ["segment", "bytes"]
             assert sum(m["frames"] for m in media if m["chunk"] == index) == stats[index]["frames"]
+
+
+def test_a_watchers_queue_counts_chunks_not_pieces() -> None:
+    """A viewer is dropped to the next key frame when it falls `viewer_buffer` chunks behind, whatever the number of
+    pieces those chunks came in (nothing is sent here: the viewer's writer never runs)."""
+    limits, metrics = Limits(), Metrics(dict)
+    viewer = Viewer(Audience(limits), "watch", "key", send=None, metrics=metrics)
+    viewer.push("started")  # an event: never dropped, never counted
+    for _ in range(limits.viewer_buffer):
+        for part in range(3):
+            viewer.push("segment", b"piece", media=True, ends=part == 2)
+    viewer.push("segment", b"piece", media=True, ends=False)  # a piece of the next chunk: one chunk too many
+    assert metrics.viewer_drops == 1 and [messages for *_, messages in viewer._queue] == [("started",)]
+    viewer.push("segment", b"piece", media=True, ends=False)
+    assert metrics.viewer_drops == 1 and len(viewer._queue) == 2
