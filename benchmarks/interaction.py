@@ -12,9 +12,11 @@ share the machine's load (a shared CPU's load moves by the minute), after one ro
 WebCodecs player or its MSE fallback (`player=mse`); the pacing lead measured per stream (`ServedStream.lead`) or
 the constant one second it replaced (the lead pinned to PACE_LEAD_SECONDS for those rounds); and the server as it
 is, or with one of its latency cuts undone for those rounds: "whole-chunks", each chunk decoded, encoded and sent
-whole instead of a latent frame (4 frames) at a time (`ServedStream.split` off); "no-remake", a change that arrives
-while a chunk is denoised waits for the next chunk instead of having that chunk made again (`Runner.remake` off; the
-table counts the chunks made again); "batch-all", every ready viewer shares a turn however long its decoding then queues (no
+whole instead of a latent frame (4 frames) at a time (`ServedStream.split` off); "early-turns", a turn denoised as
+soon as its streams are due, up to a turn ahead of the encoder, instead of no sooner than the encoder can take its
+chunks (`Scheduler._encoder_backlog` not waited for); "no-remake", a change that arrives while a chunk is denoised
+waits for the next chunk instead of having that chunk made again (`Runner.remake` off; the table counts the chunks
+made again); "batch-all", every ready viewer shares a turn however long its decoding then queues (no
 `Scheduler._viewers_per_turn` limit); or, instead of batching, "one-at-a-time", each turn one stream's chunk
 (`Scheduler.max_batch` 1, the scheduler before batching). "webcodecs+measured" is what the page and server do now;
 "mse+fixed" is the pacing before issue 14 with today's MSE fallback, which like the WebCodecs player catches up with
@@ -64,10 +66,11 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"]
 PLAYERS = {"webcodecs": "", "mse": "&player=mse"}  # page URL parameters
 LEADS = ("measured", "fixed")
-VARIANTS = ("whole-chunks", "no-remake", "batch-all", "one-at-a-time")  # a latency cut undone (see above)
+VARIANTS = ("whole-chunks", "early-turns", "no-remake", "batch-all", "one-at-a-time")  # a cut undone (see above)
 CONFIGS = [f"{player}+{lead}" for player, lead in itertools.product(PLAYERS, LEADS)]
 CONFIGS[1:1] = [f"webcodecs+measured+{variant}" for variant in VARIANTS]
-BATCHING = {"batch-all": "all ready", "one-at-a-time": "one at a time"}  # else "as served"
+# How the variants take turns; else "as served".
+BATCHING = {"batch-all": "all ready", "one-at-a-time": "one at a time", "early-turns": "as soon as due"}
 # Runs of older code kept in results/, shown under this run's table: file -> which code ran.
 REFERENCES = {
     "interaction_c54ab6b.json": "the code of issue 14 before its latency cuts (commit c54ab6b), with this script",
@@ -162,6 +165,8 @@ def undone(scheduler, variants: list[str]) -> Iterator[None]:
     runner.remake = "no-remake" not in variants
     if "whole-chunks" in variants:
         ServedStream.split = property(lambda stream: False)
+    if "early-turns" in variants:
+        scheduler._encoder_backlog = lambda now: 0.0
     if "batch-all" in variants:  # no limit on the viewers in a turn (as before it: c54ab6b)
         scheduler._viewers_per_turn = lambda: None
     if "one-at-a-time" in variants:
@@ -171,6 +176,7 @@ def undone(scheduler, variants: list[str]) -> Iterator[None]:
     finally:
         runner.remake, scheduler.max_batch = True, max_batch
         vars(scheduler).pop("_viewers_per_turn", None)
+        vars(scheduler).pop("_encoder_backlog", None)
         if split is not None:  # code from before sub-chunk sending has none
             ServedStream.split = split
 
@@ -297,7 +303,7 @@ def cells(row: dict) -> str:
 
 
 HEADER = [
-    "| sessions | player | pacing lead | sent | remake | batching | first frame | change -> arrives | "
+    "| sessions | player | pacing lead | sent | remake | turns | first frame | change -> arrives | "
     "change -> displayed | chunk | missed (waiting) | n |",
     "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
 ]
@@ -339,8 +345,10 @@ def markdown(report: dict) -> str:
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
         "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
         "made again under a change that came while they were denoised (off: not made again). *Sent*: each chunk "
-        "decoded, encoded and sent a latent frame (4 frames) at a time, or whole. *Batching*: the "
-        "sessions' chunks share turns as the server batches them, all ready ones, or one at a time. "
+        "decoded, encoded and sent a latent frame (4 frames) at a time, or whole. *Turns*: the sessions' chunks "
+        "share turns as the server batches and times them, all ready ones, one at a time, or as the server does but "
+        "each turn denoised as soon as its streams are due (up to a turn ahead of the encoder) rather than no sooner "
+        "than the encoder can take its chunks. "
         "*Missed*: changes that came while the next chunk was already past its denoising, so that it was made under "
         "the old setting and the change shows a chunk later; in brackets, those of them that came while a chunk they "
         "missed was denoised but its decode had not begun (a remake rule extended to such chunks would have shown "

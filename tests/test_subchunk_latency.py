@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import av
@@ -135,9 +136,8 @@ def test_a_viewer_gets_pieces_then_the_chunks_stats_and_a_recorder_whole_chunks(
         return received
 
     with serve_in_thread(pipe) as server:
-        viewer, recorder = (
-            asyncio.run(asyncio.wait_for(conversation(server.websocket_url, realtime), 60)) for realtime in (True, False)
-        )
+        url = server.websocket_url
+        viewer, recorder = (asyncio.run(asyncio.wait_for(conversation(url, live), 60)) for live in (True, False))
     for messages, pieces in ((viewer, [1, 4, 4, 4, 4, 4, 4]), (recorder, [1, 12, 12])):
         media = [m for m in messages if m.get("type") == "segment" and m["kind"] == "chunk"]
         assert [m["frames"] for m in media] == pieces
@@ -164,3 +164,25 @@ def test_a_watchers_queue_counts_chunks_not_pieces() -> None:
     assert metrics.viewer_drops == 1 and [messages for *_, messages in viewer._queue] == [("started",)]
     viewer.push("segment", b"piece", media=True, ends=False)
     assert metrics.viewer_drops == 1 and len(viewer._queue) == 2
+
+
+def test_a_turn_starts_no_sooner_than_the_encoder_can_take_its_chunks(pipe: StreamingPipeline) -> None:
+    """With decoding on its own thread, a due stream's turn waits while the encoder's backlog (its chunks at the
+    latest delivery time each, less what the current one has had) is longer than a turn: denoised earlier, the chunk
+    would only wait for the encoder with its prompt and steps fixed. Nothing is held before anything is measured, or
+    with decoding on the worker."""
+
+    def seconds_to_a_turn(overlap: bool, delivery_seconds: float) -> float:
+        scheduler = Scheduler(pipe, max_active=1, limits=Limits(), overlap=overlap)
+        stream = ServedStream(Start("a viewer"), None, buffer=3, wake=lambda: None)
+        stream.session, stream._due, stream.in_flight = SimpleNamespace(fps=16), time.monotonic() - 1, 1
+        scheduler._active, scheduler._held = [stream], {stream}
+        scheduler._turn_seconds, scheduler._delivery_seconds = 0.2, delivery_seconds
+        scheduler._delivering_since = began = time.monotonic()  # the encoder has just begun the stream's chunk
+        assert asyncio.run(asyncio.wait_for(scheduler._next(), 10)) == [stream]
+        return time.monotonic() - began
+
+    assert 0.29 <= seconds_to_a_turn(True, 0.5) < 5  # 0.5 s of decoding left, a turn takes 0.2 s: 0.3 s held
+    assert seconds_to_a_turn(True, 0.1) < 0.1  # the chunk will be decoded before a turn ends: at once
+    assert seconds_to_a_turn(True, 0.0) < 0.1  # nothing measured yet
+    assert seconds_to_a_turn(False, 0.5) < 0.1  # no encoder thread: its turn is the worker's next job

@@ -202,6 +202,7 @@ class Scheduler:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._turn_seconds = 0.0  # how long the latest turn held the worker
         self._delivery_seconds = 0.0  # how long the latest chunk took to decode and encode
+        self._delivering_since = 0.0  # when the encoder began its latest chunk
 
     @property
     def active(self) -> int:
@@ -319,7 +320,8 @@ class Scheduler:
             opening = next((stream for _, stream in delays if stream.session is None), None)
             if opening is not None:
                 return [opening]
-            if any(delay <= 0 for delay, _ in delays):
+            hold = self._encoder_backlog(now) - self._turn_seconds
+            if hold <= 0 and any(delay <= 0 for delay, _ in delays):
                 ready = [stream for d, stream in sorted(delays, key=lambda d: d[0]) if d <= self._turn_seconds]
                 if (viewers := self._viewers_per_turn()) is not None:
                     paced = [stream for stream in ready if stream.request.realtime][:viewers]
@@ -329,11 +331,21 @@ class Scheduler:
                     self._active.remove(stream)
                     self._active.append(stream)
                 return turn
-            timeout = min((delay for delay, _ in delays), default=math.inf)
+            timeout = max(hold, min((delay for delay, _ in delays), default=math.inf))
             try:
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)
             except TimeoutError:
                 pass
+
+    def _encoder_backlog(self, now: float) -> float:
+        """With overlap, the seconds the encoder is expected to take for the chunks handed to it (the latest chunk's
+        delivery time each, less what the one it is on has had). A turn starts no sooner than its chunks can be taken
+        up when it ends: a chunk denoised earlier would only wait, its prompt and steps fixed that much longer before
+        it is shown (a change meanwhile misses it); the encoder stays as busy."""
+        chunks = sum(stream.in_flight for stream in self._held)
+        if self._encoder is None or not chunks:
+            return 0.0
+        return chunks * self._delivery_seconds - min(self._delivery_seconds, now - self._delivering_since)
 
     def _viewers_per_turn(self) -> int | None:
         """With overlap, the most live viewers in one turn: as many chunks as the encoder delivers while the worker
@@ -369,7 +381,7 @@ class Scheduler:
         returned. A chunk is done with at its last piece, its failure, or its stream's end (None)."""
         later = []
         for chunk in denoised:
-            start = time.monotonic()
+            start = self._delivering_since = time.monotonic()
             viewer = chunk.stream.request.realtime
             result: MediaChunk | Exception | None = None  # None: its client left; its memory is freed next
             try:
