@@ -73,6 +73,8 @@ CONFIGS[1:1] = [f"webcodecs+measured+{variant}" for variant in VARIANTS]
 BATCHING = {"batch-all": "all ready", "one-at-a-time": "one at a time", "early-turns": "as soon as due"}
 # Runs of older code kept in results/, shown under this run's table: file -> which code ran.
 REFERENCES = {
+    "interaction_79c33d1.json": "the code before sub-chunk sending and its turn timing (commit 79c33d1) on the model "
+    "before the wider VAE decoder (a chunk's decode about 0.12 s), this script's previous run",
     "interaction_c54ab6b.json": "the code of issue 14 before its latency cuts (commit c54ab6b), with this script",
     "interaction_before.json": "the code before issue 14 (commit ad3127b), with that commit's script",
 }
