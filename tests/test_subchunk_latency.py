@@ -2,7 +2,8 @@
 its first frames can be shown after a third of the chunk's decode. The pieces hold the very frames of the whole
 chunk, go to the connection one by one as they are encoded, pace the stream by when the last of them is in time, and
 reach the client (and its watchers) as `segment` messages followed by the chunk's one `chunk` message; a recorder's
-chunks still come whole. Tiny model, loopback."""
+chunks still come whole. Both players of the page play such a stream in Debian's headless Chromium. Tiny model,
+loopback."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 import av
 import numpy as np
 import pytest
+from test_browser import WAIT_MS, chromium, page  # noqa: F401 - fixtures
 from test_interaction_browser import run_scheduler_until
 from websockets.asyncio.client import connect
 
@@ -186,3 +188,21 @@ def test_a_turn_starts_no_sooner_than_the_encoder_can_take_its_chunks(pipe: Stre
     assert seconds_to_a_turn(True, 0.1) < 0.1  # the chunk will be decoded before a turn ends: at once
     assert seconds_to_a_turn(True, 0.0) < 0.1  # nothing measured yet
     assert seconds_to_a_turn(False, 0.5) < 0.1  # no encoder thread: its turn is the worker's next job
+
+
+@pytest.mark.parametrize("player", ["webcodecs", "mse"])
+def test_the_page_plays_a_stream_sent_a_latent_frame_at_a_time(pipe, page, player: str) -> None:  # noqa: F811
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    with serve_in_thread(pipe) as server:
+        page.goto(server.url + f"?prompt=a%20red%20ball&steps=1&autoplay=1&player={player}")
+        page.wait_for_function("() => window.streamgen.displayed.length > 30", timeout=WAIT_MS)
+        # What reached the page in the last seconds: media messages of 4 frames (a latent frame's), not of 12, and
+        # perhaps the 1-frame first chunk.
+        assert {frames for _, frames in page.evaluate("() => window.streamgen.received")} - {1} == {4}
+        frames = [frame for _, frame in page.evaluate("() => window.streamgen.displayed")]
+        assert frames[0] == 0 and all(b > a for a, b in zip(frames, frames[1:])), frames  # in order, none twice
+        assert frames[-1] - frames[0] <= 2 * len(frames), frames  # across the pieces' seams, hardly a frame skipped
+        page.click("#stop")
+        page.wait_for_function("() => window.streamgen.state === 'idle'", timeout=WAIT_MS)
+    assert not errors
