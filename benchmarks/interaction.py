@@ -222,6 +222,14 @@ class Timeline:
             del runner.denoise, runner.deliver
             Stream.set_prompt, Stream.set_budget = changes
 
+    def waits(self) -> list[float]:
+        """Milliseconds each chunk waited, denoised and committed, for its decode to begin."""
+        return [
+            1000 * (self.decoding[prompt][n] - at)
+            for prompt, committed in self.committed.items() for n, at in committed.items()
+            if n in self.decoding[prompt]
+        ]  # fmt: skip
+
     def waiting(self, prompt: str, index: int, change: dict) -> bool:
         """Whether the `index`-th change of the stream started with `prompt` came while a chunk it missed was
         committed but not yet being decoded."""
@@ -257,6 +265,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
     runner = scheduler.runner
     runs: dict[str, list[dict]] = {config: [] for config in args.configs.split(",")}
     remade = dict.fromkeys(runs, 0)
+    waits: dict[str, list[float]] = {config: [] for config in runs}
     counted = hasattr(runner, "remade")  # code from before the remake has no count
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -268,6 +277,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
                 with pacing(lead), undone(scheduler, flags), timeline.recording(runner):
                     pages = await run_pages(browser, server.url, count, PLAYERS[player], args, args.changes)
                 remade[config] += getattr(runner, "remade", 0) - before
+                waits[config] += timeline.waits()
                 for i, page in enumerate(pages):
                     for k, change in enumerate(page["changes"]):
                         change["waiting"] = change["missed"] > 0 and timeline.waiting(prompt(i), k, change)
@@ -292,6 +302,7 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
             "change_arrive_ms": summary([c["arrive_ms"] for c in changes]),
             "change_display_ms": summary([c["display_ms"] for c in changes]),
             "chunk_ms": summary([c["chunk_ms"] for c in changes]),
+            "decode_wait_ms": summary(waits[config]),
             "missed": sum(c["missed"] > 0 for c in changes),
             "waiting": sum(c["waiting"] for c in changes),
             "raw": pages,
@@ -299,15 +310,15 @@ async def run_sessions(server, count: int, args: argparse.Namespace) -> list[dic
     return rows
 
 
-def cells(row: dict) -> str:
-    keys = ("first_frame_ms", "change_arrive_ms", "change_display_ms", "chunk_ms")
-    return " | ".join(f"{row[key]['median']:.0f} / {row[key]['p95']:.0f}" for key in keys)
+def cells(row: dict, keys=("first_frame_ms", "change_arrive_ms", "change_display_ms", "chunk_ms")) -> str:
+    """Median / p95 of each of `keys` ("-" where the row has none: runs of older code)."""
+    return " | ".join(f"{row[key]['median']:.0f} / {row[key]['p95']:.0f}" if key in row else "-" for key in keys)
 
 
 HEADER = [
     "| sessions | player | pacing lead | sent | remake | turns | first frame | change -> arrives | "
-    "change -> displayed | chunk | missed (waiting) | n |",
-    "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    "change -> displayed | chunk | wait for decode | missed (waiting) | n |",
+    "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
@@ -317,7 +328,8 @@ def line(row: dict) -> str:
     remake = "off" if not row.get("remake", True) else "-" if row.get("remade") is None else row["remade"]
     sent = "by latent frame" if row.get("split") else "whole chunks"
     missed = f"{row['missed']}" + (f" ({row['waiting']})" if "waiting" in row else "")
-    columns = [row["sessions"], row["player"], row["lead"], sent, remake, row["batching"], cells(row), missed]
+    columns = [row["sessions"], row["player"], row["lead"], sent, remake, row["batching"], cells(row),
+               cells(row, ["decode_wait_ms"]), missed]  # fmt: skip
     return "| " + " | ".join(map(str, [*columns, row["change_display_ms"]["n"]])) + " |"
 
 
@@ -345,8 +357,10 @@ def markdown(report: dict) -> str:
         "",
         "Per change of prompt or steps: *arrives* = sent -> the first media of the first chunk made under it "
         "reaches the page; *displayed* = sent -> the page displays that chunk's first frame. *First frame* = Start "
-        "-> first frame displayed. *Chunk* = its generation as the server timed it. *Remake* = chunks dropped and "
-        "made again under a change that came while they were denoised (off: not made again). *Sent*: each chunk "
+        "-> first frame displayed. *Chunk* = its generation as the server timed it. *Wait for decode*: how long "
+        "each chunk, denoised and committed, waited for its decode to begin (the server's clock). *Remake* = chunks "
+        "dropped and made again under a change that came while they were denoised (off: not made again). *Sent*: "
+        "each chunk "
         "decoded, encoded and sent a latent frame (4 frames) at a time, or whole. *Turns*: the sessions' chunks "
         "share turns as the server batches and times them, all ready ones, one at a time, or as the server does but "
         "each turn denoised as soon as its streams are due (up to a turn ahead of the encoder) rather than no sooner "
