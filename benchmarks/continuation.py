@@ -9,7 +9,10 @@ For one model directory, on held-out grammar prompts:
   (d) the same after a clean world prefix (the clip's first two chunks, encoded, as the stream's past): a
       continuation of clean data against one of the model's own output (exposure bias);
   (e) how deep the stream's first latent frame reaches into the VAE decoder's output: mean |change| of each later
-      latent frame's pixels when latent frame 0 alone is changed (the decoder's causal memory).
+      latent frame's pixels when latent frame 0 alone is changed (the decoder's causal memory);
+  (f) per attribute (background, count, and each object's colour, shape, size, direction, speed), how often the
+      world's data, its VAE round trip and the model's stream agree with the caption over the whole stream: which
+      attributes the score loses, and whether the VAE already loses them.
 
     python benchmarks/continuation.py --model DIR --label NAME [--prompts 8] [--chunks 8]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen_train.data import EVAL_SEED
 from streamgen_train.world.grammar import parse_caption
 from streamgen_train.world.scene import VideoWorld
-from streamgen_train.world.scorer import background_name, estimate_background, semantic_score
+from streamgen_train.world.scorer import background_name, estimate_background, score_details, semantic_score
 from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"
@@ -48,6 +52,15 @@ def per_chunk(streams: list[list[np.ndarray]], captions: list[str]) -> dict[str,
         "background": [float(np.mean([holds(s[k], c) for s, c in zip(streams, captions)])) for k in chunks],
         "semantic": [float(np.mean([semantic_score(s[k], c) for s, c in zip(streams, captions)])) for k in chunks],
     }
+
+
+def per_attribute(videos: list[np.ndarray], captions: list[str]) -> dict[str, float]:
+    """Mean agreement per kind of attribute, objects pooled (`score_details` keys without their object index)."""
+    agreement = defaultdict(list)
+    for video, caption in zip(videos, captions):
+        for key, value in score_details(video, caption).items():
+            agreement[key.rsplit(".", 1)[-1]].append(value)
+    return {kind: float(np.mean(values)) for kind, values in agreement.items()}
 
 
 @torch.no_grad()
@@ -98,6 +111,11 @@ def measure(pipe: StreamingPipeline, prompts: int, chunks: int, steps: int) -> d
         "decoder_memory_of_frame_0": np.round(memory, 4).tolist(),
         "stream_per_chunk": per_chunk(free, captions),
         "continuation_per_chunk": per_chunk(continued, captions),
+        "per_attribute": {
+            "world data": per_attribute([video for video, _ in clips], captions),
+            "VAE round trip": per_attribute([np.concatenate(s) for s in vae_streams], captions),
+            "model's stream": per_attribute([np.concatenate(s) for s in free], captions),
+        },
     }
 
 
@@ -138,6 +156,15 @@ def render(report: dict) -> str:
         row("model's stream: semantic", r["stream_per_chunk"]["semantic"]),
         row("after a clean world prefix: background", r["continuation_per_chunk"]["background"], PREFIX_CHUNKS),
         row("after a clean world prefix: semantic", r["continuation_per_chunk"]["semantic"], PREFIX_CHUNKS),
+    ]
+    kinds = list(r["per_attribute"]["world data"])
+    lines += [
+        "",
+        "Per attribute, over the whole stream: fraction of captioned attributes of each kind the frames agree with.",
+        "",
+        "| | " + " | ".join(kinds) + " |",
+        "| --- |" + " ---: |" * len(kinds),
+        *(row(name, [values[k] for k in kinds]) for name, values in r["per_attribute"].items()),
     ]
     return "\n".join(lines) + "\n"
 
