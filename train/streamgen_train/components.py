@@ -34,8 +34,8 @@ class Sizes:
     height: int = 64
     width: int = 64
     vae_base_dim: int = 8
-    # The decoder draws every frame the stream shows, and at base 8 it could not redraw the world's shapes (the VAE's
-    # round trip kept half of them, docs/training.md); twice the width costs ~0.15 s more per 12-frame chunk.
+    # The decoder draws every frame the stream shows: at base 8 the round trip lost the objects' colour, count and
+    # speed far more often than at 16 (docs/training.md); twice the width about doubles the decode.
     vae_decoder_base_dim: int = 16
     text_dim: int = 64
     heads: int = 4
