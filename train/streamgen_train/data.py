@@ -87,21 +87,21 @@ class LatentSet:
         clips: int,
         frames: int,
     ) -> LatentSet:
-        """Encode `clips` world clips of `frames` latent frames once and cache them at `path`."""
+        """Encode `clips` world clips of `frames` latent frames once and cache them at `path`. A cache with fewer
+        clips is extended (clip `i` is the same whatever the set's size), so a run can grow its data set."""
+        latents, captions = [], []
         if path.is_file():
             saved = torch.load(path, weights_only=True)
-            if (
-                saved["latents"].shape[0] >= clips
-                and saved["latents"].shape[1] >= frames
-            ):
-                return cls(saved["latents"][:clips, :frames], saved["captions"][:clips])
-        latents, captions = [], []
-        for i in tqdm(range(clips), desc="encoding clips", unit="clip"):
+            if saved["latents"].shape[1] >= frames:
+                latents, captions = list(saved["latents"][:clips, :frames]), saved["captions"][:clips]
+        cached = len(captions)
+        for i in tqdm(range(cached, clips), desc="encoding clips", unit="clip"):
             video, caption = clip(world, LATENT_SEED, i, 1 + 4 * (frames - 1), LATENT_FOOTAGE_EVERY)
             latents.append(
                 encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0]
             )
             captions.append(caption)
         saved = {"latents": torch.stack(latents), "captions": captions}
-        torch.save(saved, path)
+        if len(captions) > cached:
+            torch.save(saved, path)
         return cls(**saved)
