@@ -10,6 +10,7 @@ import torch
 from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan
 from transformers import UMT5EncoderModel
 
+from streamgen.engine import TextCondition
 from streamgen.models import far_from_wan
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen_train import components as C
@@ -35,6 +36,13 @@ TINY = C.Sizes(
     layers=2,
     ffn_dim=64,
 )
+def guided(tokenizer, encoder, captions: list[str]) -> TextCondition:
+    """The prompts' embeddings as the causal stages see them: guided against the empty caption."""
+    with torch.no_grad():
+        embeds, negative = (C.encode_captions(tokenizer, encoder, c) for c in (captions, [""] * len(captions)))
+    return TextCondition(embeds, negative, C.TEACHER_GUIDANCE)
+
+
 CAPTIONS = [
     "a large red circle moving right quickly on a black background",
     "a small blue square moving up slowly on a gray background",
@@ -111,12 +119,12 @@ def test_student_step_lowers_flowmap_loss(text, teacher, partition):
     torch.manual_seed(1)  # a student that differs from its anchor, so the loss has something to lower
     student = far_from_wan(C.build_teacher(TINY))
     anchor = C.causal_teacher(teacher)
-    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    condition = guided(tokenizer, encoder, CAPTIONS)
     x0 = latents(sum(partition))
 
     def loss():
         return flowmap_loss(
-            student, anchor, x0, embeds, partition, torch.Generator().manual_seed(6)
+            student, anchor, x0, condition, partition, torch.Generator().manual_seed(6)
         )
 
     before, after = decreases(loss, student.parameters())
@@ -127,7 +135,7 @@ def test_consistency_step_lowers_its_loss(text, teacher):
     tokenizer, encoder = text
     frozen = C.causal_teacher(teacher)
     model = copy.deepcopy(frozen).requires_grad_(True)
-    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    condition = guided(tokenizer, encoder, CAPTIONS)
     grid = torch.linspace(1, 0, 9)
 
     def loss():
@@ -135,7 +143,7 @@ def test_consistency_step_lowers_its_loss(text, teacher):
             model,
             frozen,
             latents(7),
-            embeds,
+            condition,
             (1, 3, 3),
             torch.Generator().manual_seed(4),
             grid,
@@ -149,7 +157,8 @@ def test_distill_step_lowers_fake_score_and_dmd_losses(text, teacher):
     """Stage 2's two updates: the fake score fits the student's rollout; then (fake != teacher) the student's chunk
     moves towards its DMD target."""
     tokenizer, encoder = text
-    embeds = C.encode_captions(tokenizer, encoder, CAPTIONS).detach()
+    condition = guided(tokenizer, encoder, CAPTIONS)
+    embeds = condition.embeds
     real = C.causal_teacher(teacher)
     fake = copy.deepcopy(real).requires_grad_(True)
     student = far_from_wan(teacher)
@@ -171,7 +180,7 @@ def test_distill_step_lowers_fake_score_and_dmd_losses(text, teacher):
         )
 
     target = stages._dmd_target(
-        real, fake, context, chunk().detach(), embeds, partition, torch.Generator()
+        real, fake, context, chunk().detach(), condition, partition, torch.Generator()
     )
     before, after = decreases(
         lambda: 0.5 * torch.nn.functional.mse_loss(chunk(), target),

@@ -24,6 +24,11 @@ from .world.grammar import vocabulary
 # redundancy per frame, so a milder shift (the SD3 resolution rule moves it down with the token count).
 SHIFT = 3.0
 MAX_SEQUENCE_LENGTH = 32  # the longest grammar caption (two objects) is 23 words
+# Classifier-free guidance, as Wan samples and AnyFlow distils: the teacher learns the empty caption on
+# CAPTION_DROPOUT of its world clips (footage is captioned "" anyway), and the causal models regress its velocity
+# guided at TEACHER_GUIDANCE, so they follow the prompt as the guided teacher does while streaming unguided.
+CAPTION_DROPOUT = 0.1
+TEACHER_GUIDANCE = 3.0
 PAD, UNK = "<pad>", "<unk>"
 
 

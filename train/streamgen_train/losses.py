@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
 from streamgen.diffusers_adapter import compressed_frames
+from streamgen.engine import TextCondition
 
 from . import attention
 from .components import shifted_sigmas
@@ -95,6 +96,22 @@ def causal_velocity(
         clean_timestep=torch.zeros_like(t[:, c:]),
         attention_mask=far_mask(model, partition, h, w),
     ).sample
+
+
+def teacher_velocity(
+    teacher: AnyFlowFARTransformer3DModel,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    t: torch.Tensor,
+    text: TextCondition,
+    partition: tuple[int, ...],
+) -> torch.Tensor:
+    """The teacher's velocity (`causal_velocity` at r = t), classifier-free guided as `text` says: prompt and empty
+    caption ride in one batch, as the engine samples a guided stream."""
+    v = causal_velocity(
+        teacher, text.batch(noisy), text.batch(clean), text.batch(t), text.batch(t), text.model_input, partition
+    )
+    return text.combine(v)
 
 
 def object_weights(x0: torch.Tensor) -> torch.Tensor:
@@ -183,7 +200,7 @@ def flowmap_loss(
     model: AnyFlowFARTransformer3DModel,
     teacher: AnyFlowFARTransformer3DModel,
     x0: torch.Tensor,
-    text: torch.Tensor,
+    text: TextCondition,
     partition: tuple[int, ...],
     gen: torch.Generator,
 ) -> torch.Tensor:
@@ -203,7 +220,7 @@ def flowmap_loss(
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t, r = (x.to(device) for x in sample_times(x0.shape[0], partition, gen))
     z = (1 - _b(t)) * x0 + _b(t) * noise
-    u = causal_velocity(model, z, x0, t, r, text, partition)
+    u = causal_velocity(model, z, x0, t, r, text.embeds, partition)
     target = flowmap_target(model, teacher, z, x0, t, r, text, partition)
     return weighted_mse(u, target, x0[:, compressed_frames(model, partition) :])
 
@@ -216,7 +233,7 @@ def flowmap_target(
     x0: torch.Tensor,
     t: torch.Tensor,
     r: torch.Tensor,
-    text: torch.Tensor,
+    text: TextCondition,
     partition: tuple[int, ...],
 ) -> torch.Tensor:
     """`flowmap_loss`'s target for u(z_t, t, r) on every full-resolution frame: one teacher Euler step t -> s,
@@ -224,9 +241,9 @@ def flowmap_target(
     velocity where t and r (almost) meet. `t`, `r`: `(B, frames)`."""
     c = compressed_frames(model, partition)
     s = torch.maximum(r, t - 1 / TEACHER_STEPS)
-    velocity = causal_velocity(teacher, z, x0, t, t, text, partition)
+    velocity = teacher_velocity(teacher, z, x0, t, text, partition)
     z_s = torch.cat([z[:, :c], z[:, c:] - _b(t - s)[:, c:] * velocity], dim=1)
-    rest = causal_velocity(model, z_s, x0, s, r, text, partition)
+    rest = causal_velocity(model, z_s, x0, s, r, text.embeds, partition)
     t, s, r = (_b(x[:, c:]) for x in (t, s, r))
     composed = ((t - s) * velocity + (s - r) * rest) / (t - r).clamp_min(1e-6)
     return torch.where(t - r > 1e-4, composed, velocity)
@@ -257,7 +274,7 @@ def consistency_loss(
     model: AnyFlowFARTransformer3DModel,
     teacher: AnyFlowFARTransformer3DModel,
     x0: torch.Tensor,
-    text: torch.Tensor,
+    text: TextCondition,
     partition: tuple[int, ...],
     gen: torch.Generator,
     grid: torch.Tensor,
@@ -276,13 +293,13 @@ def consistency_loss(
     c = compressed_frames(model, partition)
     zero = torch.zeros_like(t)
     with torch.no_grad():
-        v = causal_velocity(teacher, z, x0, t, t, text, partition)
+        v = teacher_velocity(teacher, z, x0, t, text, partition)
         z_next = z[:, c:] - _b(t - t_next)[:, c:] * v
         moved = torch.cat([z[:, :c], z_next], dim=1)
         target = z_next - _b(t_next)[:, c:] * causal_velocity(
-            model, moved, x0, t_next, zero, text, partition
+            model, moved, x0, t_next, zero, text.embeds, partition
         )
     estimate = z[:, c:] - _b(t)[:, c:] * causal_velocity(
-        model, z, x0, t, zero, text, partition
+        model, z, x0, t, zero, text.embeds, partition
     )
     return weighted_mse(estimate, target, x0[:, c:])

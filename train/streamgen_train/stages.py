@@ -229,7 +229,9 @@ def _crop(x: torch.Tensor, size: int, gen: torch.Generator, grid: int = 8) -> to
 
 
 def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
-    """Flow matching of the bidirectional Wan teacher, jointly with the text encoder (no pretrained UMT5 here)."""
+    """Flow matching of the bidirectional Wan teacher, jointly with the text encoder (no pretrained UMT5 here); a
+    `CAPTION_DROPOUT` share of captions is emptied, so the teacher also knows the unconditional velocity guidance
+    needs."""
     run = recipe.run("teacher")
     data = latent_set(recipe)
     tokenizer = C.build_tokenizer()
@@ -248,6 +250,8 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
         x0, captions = data.batch(
             i, recipe.batch, recipe.sizes.clip_latent_frames, salt=1
         )
+        dropped = torch.rand(len(captions), generator=generator(i, 5)) < C.CAPTION_DROPOUT
+        captions = ["" if drop else c for c, drop in zip(captions, dropped.tolist())]
         text = C.encode_captions(tokenizer, encoder, captions)
         loss = teacher_loss(teacher, x0.to(recipe.device), text, generator(i, 1))
         optimize(optimizer, loss)
@@ -278,7 +282,8 @@ def _data_step(recipe: Recipe, data: LatentSet, tokenizer, encoder, i: int, salt
     x0, captions = data.batch(i, recipe.batch, sum(partition), salt=salt)
     with torch.no_grad():
         text = C.encode_captions(tokenizer, encoder, captions)
-    return x0.to(recipe.device), text, partition, gen
+        negative = C.encode_captions(tokenizer, encoder, [""] * len(captions))
+    return x0.to(recipe.device), TextCondition(text, negative, C.TEACHER_GUIDANCE), partition, gen
 
 
 def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
@@ -383,7 +388,7 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         grid = grids[budget]
         batch = x0.shape[0]
 
-        context = _stream(engine, text, partition[:-1], budget, x0.shape[2:], gen)
+        context = _stream(engine, text.embeds, partition[:-1], budget, x0.shape[2:], gen)
         z = torch.randn(batch, partition[-1], *x0.shape[2:], generator=gen).to(
             recipe.device
         )
@@ -391,7 +396,7 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         for a, b in itertools.pairwise(marks):
             ta, tb = (torch.full((batch,), s, device=recipe.device) for s in (a, b))
             z = z - (a - b) * _chunk_velocity(
-                student, context, z, ta, tb, text, partition
+                student, context, z, ta, tb, text.embeds, partition
             )
         dmd = 0.5 * F.mse_loss(
             z, _dmd_target(real, fake, context, z, text, partition, gen)
@@ -400,7 +405,7 @@ def train_distill(recipe: Recipe, steps: int) -> dict[str, float]:
         optimize(opt_student, dmd + stage1)
 
         rollout = torch.cat([context, z.detach()], dim=1)
-        fake_loss = flow_matching_loss(fake, rollout, rollout, text, partition, gen)
+        fake_loss = flow_matching_loss(fake, rollout, rollout, text.embeds, partition, gen)
         optimize(opt_fake, fake_loss)
         return {"dmd": dmd.item(), "flowmap": stage1.item(), "fake": fake_loss.item()}
 
@@ -437,7 +442,8 @@ def _stream(engine, text, sizes, steps, shape, gen) -> torch.Tensor:
 @torch.no_grad()
 def _dmd_target(real, fake, context, x, text, partition, gen) -> torch.Tensor:
     """Where distribution matching moves a generated chunk: against (fake x0 - real x0) at a random noise level,
-    normalised as in DMD. The student regresses onto it (0.5 * MSE, whose gradient is exactly that direction)."""
+    normalised as in DMD. The student regresses onto it (0.5 * MSE, whose gradient is exactly that direction).
+    The real score is the guided teacher's (`text`), the fake score unguided, as in DMD."""
     batch = x.shape[0]
     sigma = (
         C.shifted_sigmas(torch.rand(batch, generator=gen))
@@ -446,8 +452,11 @@ def _dmd_target(real, fake, context, x, text, partition, gen) -> torch.Tensor:
     )
     s = sigma[:, None, None, None, None]
     z = (1 - s) * x + s * torch.randn(x.shape, generator=gen).to(x.device)
-    x_real = z - s * _chunk_velocity(real, context, z, sigma, sigma, text, partition)
-    x_fake = z - s * _chunk_velocity(fake, context, z, sigma, sigma, text, partition)
+    real_v = _chunk_velocity(
+        real, text.batch(context), text.batch(z), text.batch(sigma), text.batch(sigma), text.model_input, partition
+    )
+    x_real = z - s * text.combine(real_v)
+    x_fake = z - s * _chunk_velocity(fake, context, z, sigma, sigma, text.embeds, partition)
     scale = (x - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-4)
     return x - (x_fake - x_real) / scale
 
