@@ -1,8 +1,9 @@
 """Few-step quality of the default model's recipe: teacher Euler vs AnyFlow student vs consistency baseline.
 
 For each step budget and model, on grammar prompts from held-out world seeds:
-  (a) PSNR of decoded frames against the teacher's 64-step ODE, chunk by chunk from the same noise and the same
-      (teacher's) clean context;
+  (a) PSNR of decoded frames against the teacher's 64-step ODE (classifier-free guided at the guidance the causal
+      models distil; they stream unguided), chunk by chunk from the same noise and the same (teacher's) clean
+      context;
   (b) the analytic semantic score of the model's own free-running stream of one training clip's length;
   (c) drift: (a) and (b) on a stream `--drift`x longer, streamed by the engine with the model's finite window
       (PSNR over its last clip's worth of chunks; semantic score on its last clip's worth of frames).
@@ -30,7 +31,7 @@ from streamgen.config import StreamConfig
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.pipeline import StreamingPipeline
 from streamgen_train import stages
-from streamgen_train.components import causal_teacher
+from streamgen_train.components import TEACHER_GUIDANCE, causal_teacher
 from streamgen_train.data import CHUNKS, EVAL_SEED
 from streamgen_train.world.scene import VideoWorld
 from streamgen_train.world.scorer import semantic_score
@@ -117,6 +118,8 @@ def measure(args: argparse.Namespace) -> dict:
     seeds = [(EVAL_SEED, p) for p in range(args.prompts)]
     captions = [world.clip(seed, 1)[1] for seed in seeds]
     text = TextCondition(torch.cat([pipe.encode_prompt(c) for c in captions]))
+    # The teacher samples guided, as the causal models were trained to follow it; they stream unguided.
+    guided = TextCondition(text.embeds, pipe.encode_prompt("").expand_as(text.embeds), TEACHER_GUIDANCE)
     gen = torch.Generator().manual_seed(0)
     for span, sizes in lengths.items():
         noises = [torch.randn(len(seeds), f, *latent_shape, generator=gen) for f in sizes]
@@ -127,14 +130,15 @@ def measure(args: argparse.Namespace) -> dict:
             # The VAE's own round trip of those frames: what a model that made the data's latents would score.
             (decoded,) = decode(vae, encode_video(vae, truth))
             vae_scores[span].append(semantic_score(decoded, caption))
-        reference = stream(reference_engine, text, noises, REFERENCE_STEPS, window)
+        reference = stream(reference_engine, guided, noises, REFERENCE_STEPS, window)
         ref_frames = decode(vae, reference)
         for name, engine in engines.items():
+            condition = guided if name == "teacher-euler" else text
             for steps in BUDGETS:
                 forced = decode(
-                    vae, stream(engine, text, noises, steps, window, context=reference.split(sizes, 1))
+                    vae, stream(engine, condition, noises, steps, window, context=reference.split(sizes, 1))
                 )
-                free = decode(vae, stream(engine, text, noises, steps, window))
+                free = decode(vae, stream(engine, condition, noises, steps, window))
                 rows[(span, steps, name)] = [
                     (psnr(f, r), semantic_score(g, c))
                     for f, r, g, c in zip(forced, ref_frames, free, captions)
@@ -159,6 +163,7 @@ def measure(args: argparse.Namespace) -> dict:
         "long_latent_frames": sum(lengths["long"]) if args.drift else 0,
         "window": window,
         "reference_steps": REFERENCE_STEPS,
+        "teacher_guidance": TEACHER_GUIDANCE,
         "seconds": round(time.perf_counter() - began),
         "load_average": load_average(),
         "data_semantic": {k: float(np.mean(v)) for k, v in data_scores.items()},
@@ -184,7 +189,8 @@ def render(report: dict) -> str:
         (
             f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}`: "
             f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
-            f"{meta['reference_steps']}-step ODE from the same noise and teacher context; semantic score in [0, 1] of "
+            f"{meta['reference_steps']}-step ODE (guided at {meta['teacher_guidance']}, as the teacher rows; the "
+            f"causal models stream unguided) from the same noise and teacher context; semantic score in [0, 1] of "
             f"the model's own stream. World data scores {data['clip']:.2f} on a clip{long[0]}; its VAE round trip "
             f"(the ceiling of any model decoded by this VAE) {vae['clip']:.2f}{long[1]}. {long[2]}"
             f"Wall time {meta['seconds']} s (load average {meta['load_average']})."
