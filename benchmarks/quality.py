@@ -77,17 +77,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-# Table order. The teacher samples guided (at TEACHER_GUIDANCE, as distilled); its unguided row shows what guidance adds.
-MODELS = ("teacher-euler", "teacher-euler unguided", "anyflow (stage 2)", "anyflow (stage 1)", "consistency")
+MODELS = ("teacher-euler", "anyflow (stage 2)", "anyflow (stage 1)", "consistency")  # table order
 
 
 def load_models(recipe: stages.Recipe, names: list[str]) -> dict:
-    def teacher():
-        return causal_teacher(stages.load_teacher(recipe))
-
     loaders = {
-        "teacher-euler": teacher,
-        "teacher-euler unguided": teacher,
+        "teacher-euler": lambda: causal_teacher(stages.load_teacher(recipe)),
         "anyflow (stage 2)": lambda: stages.load_far(recipe, "distill"),
         "anyflow (stage 1)": lambda: stages.load_far(recipe, "student"),
         "consistency": lambda: stages.load_far(recipe, "consistency"),
