@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from streamgen import bench, options
+from streamgen.runtime import Runner
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 
 RESULTS = Path(__file__).parent / "results"
@@ -103,13 +104,14 @@ def main() -> None:
     pipe, source = bench.load(args.model, preset, args.device)
     chunks = pipe.config.partition(args.chunks)
     budgets = bench.parse_ints(args.steps)
+    runner = Runner(pipe)
     report = {
         "arguments": " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
         "machine": bench.machine(pipe.device),
         "model": bench.describe(pipe, source),
         "partition": chunks,
         "frames": pipe.latent_scale[0] * (sum(chunks) - 1) + 1,
-        "budgets": [bench.measure_budget(pipe, steps, args.chunks, args.warmup) for steps in budgets],
+        "budgets": [bench.measure_budget(runner, steps, args.chunks, args.warmup) for steps in budgets],
         "reference_s": [reference_seconds(pipe, steps, chunks) for steps in [1, *budgets]][1:],  # 1st: warm-up
     }
     report["machine"]["load_average_end"] = bench.load_average()
