@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from streamgen import bench, options
-from streamgen.runtime import Runner
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
+from streamgen.runtime import Runner
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -36,6 +36,8 @@ TINY = C.Sizes(
     layers=2,
     ffn_dim=64,
 )
+
+
 def guided(tokenizer, encoder, captions: list[str]) -> TextCondition:
     """The prompts' embeddings as the causal stages see them, guided against the empty caption (at 3, so the guided
     path is exercised whatever the recipe's `TEACHER_GUIDANCE`)."""

@@ -89,19 +89,18 @@ class LatentSet:
     ) -> LatentSet:
         """Encode `clips` world clips of `frames` latent frames once and cache them at `path`. A cache with fewer
         clips is extended (clip `i` is the same whatever the set's size), so a run can grow its data set."""
-        latents, captions = [], []
+        cached, captions = None, []
         if path.is_file():
             saved = torch.load(path, weights_only=True)
             if saved["latents"].shape[1] >= frames:
-                latents, captions = list(saved["latents"][:clips, :frames]), saved["captions"][:clips]
-        cached = len(captions)
-        for i in tqdm(range(cached, clips), desc="encoding clips", unit="clip"):
+                cached, captions = saved["latents"][:clips, :frames], saved["captions"][:clips]
+        if len(captions) == clips:
+            return cls(cached, captions)
+        new = []
+        for i in tqdm(range(len(captions), clips), desc="encoding clips", unit="clip"):
             video, caption = clip(world, LATENT_SEED, i, 1 + 4 * (frames - 1), LATENT_FOOTAGE_EVERY)
-            latents.append(
-                encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0]
-            )
+            new.append(encode_video(vae, np.ascontiguousarray(video)).float().cpu()[0])
             captions.append(caption)
-        saved = {"latents": torch.stack(latents), "captions": captions}
-        if len(captions) > cached:
-            torch.save(saved, path)
-        return cls(**saved)
+        latents = torch.stack(new) if cached is None else torch.cat([cached, torch.stack(new)])
+        torch.save({"latents": latents, "captions": captions}, path)
+        return cls(latents, captions)

@@ -282,7 +282,8 @@ def _data_step(recipe: Recipe, data: LatentSet, tokenizer, encoder, i: int, salt
     x0, captions = data.batch(i, recipe.batch, sum(partition), salt=salt)
     with torch.no_grad():
         text = C.encode_captions(tokenizer, encoder, captions)
-        negative = C.encode_captions(tokenizer, encoder, [""] * len(captions))
+        guided = C.TEACHER_GUIDANCE > 1
+        negative = C.encode_captions(tokenizer, encoder, [""] * len(captions)) if guided else None
     return x0.to(recipe.device), TextCondition(text, negative, C.TEACHER_GUIDANCE), partition, gen
 
 
