@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=max(INDICES) + 1)
     parser.add_argument("--repeats", type=int, default=2, help="per chunk, the fastest of this many runs")
     options.add(parser, "threads")
+    parser.add_argument("--out", type=Path, default=RESULTS / "chunk_cost", help="report path, without suffix")
     args = parser.parse_args()
     options.apply_threads(args)
 
@@ -121,9 +122,9 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "chunk_cost.md").write_text(text + "\n")
-    (RESULTS / "chunk_cost.json").write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(
         json.dumps(
             {
                 "machine": machine,

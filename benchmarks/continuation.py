@@ -173,10 +173,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--label", default="default")
+    parser.add_argument("--out", type=Path, help=f"report path, without suffix (default: {RESULTS.name}/continuation-LABEL)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
+    if args.prompts < 2:
+        parser.error("--prompts must be at least 2: a probe swaps in another prompt's first frame")
     torch.set_num_threads(1)
     began = time.perf_counter()
     pipe = StreamingPipeline.from_pretrained(args.model, device="cpu")
@@ -191,7 +194,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - began),
         "results": results,
     }
-    save_report(RESULTS / f"continuation-{args.label}", report, render)
+    save_report(args.out or RESULTS / f"continuation-{args.label}", report, render)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ step count: the clip's own frames (left of the bar), then generated frames; a la
 reconstruction of the clip, which is what the model continues. Writes docs/extension-sheet.png and
 benchmarks/results/extension_sheet.json.
 
-    python benchmarks/extension_sheet.py [--chunks 3] [--seed 0]
+    python benchmarks/extension_sheet.py [--model DIR] [--chunks 3] [--seed 0] [--sheet PNG] [--out JSON]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from skimage import data
 
 from streamgen import StreamingPipeline
+from streamgen.pipeline import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 SHEET = ROOT / "docs" / "extension-sheet.png"
@@ -88,9 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--sheet", type=Path, default=SHEET, help="the contact sheet (PNG)")
+    parser.add_argument("--out", type=Path, default=RESULT, help="the figures (JSON)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pipe = StreamingPipeline.default()
+    pipe = StreamingPipeline.from_pretrained(args.model, device="cpu")
     prompt = pipe.example_prompts[0] if pipe.example_prompts else "a cup of coffee on a table"
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "coffee.mp4"
@@ -111,11 +115,12 @@ def main() -> None:
                      f"{len(generated)} generated (10 shown)", own, generated))  # fmt: skip
     rows.append(("the model's reconstruction of the same clip frames (what it continues), then the 4-step row's",
                  results[4][1], results[4][2]))  # fmt: skip
-    SHEET.parent.mkdir(exist_ok=True)
-    sheet(rows).save(SHEET)
-    RESULT.write_text(json.dumps(report, indent=1) + "\n")
+    for path in (args.sheet, args.out):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    sheet(rows).save(args.sheet)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    print(f"wrote {SHEET.relative_to(ROOT)}")
+    print(f"wrote {args.sheet}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--label", default="default")
+    parser.add_argument("--out", type=Path, help=f"report path, without suffix (default: {RESULTS.name}/footage-LABEL)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sheet", type=Path, help="write the contact sheet (PNG) here")
     args = parser.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - began),
         "results": results,
     }
-    save_report(RESULTS / f"footage-{args.label}", report, render)
+    save_report(args.out or RESULTS / f"footage-{args.label}", report, render)
     if args.sheet is not None:
         sheet = np.concatenate(rows, axis=0)
         Image.fromarray(sheet).quantize(256).save(args.sheet)  # a palette keeps the PNG small

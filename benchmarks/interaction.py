@@ -93,30 +93,30 @@ DRIVE = """async ({starts, changes, steps, session}) => {
     if (msg.type === "started") segments.clear();
     if (msg.type === "chunk") chunks.push({...msg, t: now()});
   });
-  const until = (test, ms = 60000) => new Promise((resolve, reject) => {
+  const until = (what, test, ms = 60000) => new Promise((resolve, reject) => {
     const begun = now();
     const poll = () => {
       const value = test();
       if (value !== undefined && value !== null && value !== false) return resolve(value);
-      if (now() - begun > ms) return reject(new Error("timed out waiting in the page"));
+      if (now() - begun > ms) return reject(new Error(`timed out waiting in the page for ${what}`));
       setTimeout(poll, 5);
     };
     poll();
   });
   const shown = (frame, after) => player.displayed.find(([t, f]) => t > after && f >= frame);
-  await until(() => player.state === "idle");
+  await until("an idle player", () => player.state === "idle");
   hook(player.ws);
   const result = {starts: [], changes: []};
   for (let i = 0; i < starts; i++) {
     player.displayed.length = 0;
     const t0 = now();
     document.getElementById("start").click();
-    const first = await until(() => segments.get(0));
-    const display = await until(() => shown(0, t0));
+    const first = await until("the first chunk", () => segments.get(0));
+    const display = await until("its first frame shown", () => shown(0, t0));
     result.starts.push({arrive_ms: first.t - t0, display_ms: display[0] - t0});
     if (i < starts - 1) {
       document.getElementById("stop").click();
-      await until(() => player.state === "idle");
+      await until("an idle player after stop", () => player.state === "idle");
     }
   }
   let current = steps;
@@ -128,10 +128,10 @@ DRIVE = """async ({starts, changes, steps, session}) => {
     const arrived = Math.max(-1, ...segments.keys());  // the latest chunk whose media reached the page
     const t0 = now();
     player.ws.send(JSON.stringify(kind === "steps" ? {type: "steps", steps: current} : {type: "prompt", prompt}));
-    const chunk = await until(() => chunks.find((c) => c.t > t0 && (kind === "steps" ? c.steps === current
+    const chunk = await until("a chunk made under the change", () => chunks.find((c) => c.t > t0 && (kind === "steps" ? c.steps === current
                                                                                        : c.prompt === prompt)));
     const media = segments.get(chunk.chunk);
-    const display = await until(() => shown(media.first, t0));
+    const display = await until("that chunk shown", () => shown(media.first, t0));
     result.changes.push({kind, chunk: chunk.chunk, arrive_ms: media.t - t0, display_ms: display[0] - t0,
                          chunk_ms: chunk.latency_ms.total, stages_ms: chunk.latency_ms,
                          missed: chunk.chunk - arrived - 1});  // chunks made under the old setting after the send
@@ -410,6 +410,8 @@ def main() -> None:
                    "--no-overlap)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "interaction")
     args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be at least 2: the changes alternate it with half of it")
     if unknown := set(args.configs.split(",")) - set(CONFIGS):
         p.error(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
     torch.set_num_threads(1)

@@ -296,6 +296,7 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add(parser, "model")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="report path, without suffix")
     args = parser.parse_args()
     print("building the corpus...")
     cases = corpus()
@@ -316,7 +317,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "cases": rows,
     }
-    save_report(RESULTS, report, render)
+    save_report(args.out, report, render)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import psutil
 import torch
 
 from streamgen import bench, cli, options
 from streamgen_client.client import StreamClient, record
-from streamgen_server import app as server_app
 from streamgen_server import rayserve
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,14 +111,6 @@ async def round_trips(url: str, samples: int) -> list[float]:
     return times
 
 
-def serve_args(argv: list[str]) -> argparse.Namespace:
-    """What `streamgen serve ARGV` runs with, parsed by the real CLI."""
-    parsed: list[argparse.Namespace] = []
-    with mock.patch.object(server_app, "main", parsed.append):
-        cli.main(["serve", *argv])
-    return parsed[0]
-
-
 def pin(pid: int, core: int) -> None:
     """Every thread of process `pid` (and so every thread they start) on `core` only."""
     for thread in psutil.Process(pid).threads():
@@ -148,7 +138,7 @@ def on_ray(model: list[str]) -> Iterator[dict[str, str]]:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         urls = {}
         for name, replicas in (("one", 1), ("two", 2)):
-            args = serve_args([*model, "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
+            args = cli.build_parser().parse_args(["serve", *model, "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
                                "--max-sessions", str(SLOTS), "--port", str(port)])  # fmt: skip
             serve.run(rayserve.application(args), name=name, route_prefix=f"/{name}")
             for core, pid in enumerate(replica_pids(name)):

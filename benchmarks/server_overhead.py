@@ -105,8 +105,11 @@ def main() -> None:
     options.add(parser, "device")
     parser.add_argument("--steps", type=int, help="flow-map steps per chunk (default: the model's)")
     parser.add_argument("--chunks", type=int, default=6, help="chunks per session")
+    parser.add_argument("--out", type=Path, default=RESULTS / "server_overhead", help="report path, without suffix")
     options.add(parser, "threads")
     args = parser.parse_args()
+    if args.chunks < 3:
+        parser.error("--chunks must be at least 3: the chunk interval is timed between full chunks (the first is 1 frame)")
     options.apply_threads(args)
     torch.set_grad_enabled(False)
 
@@ -137,11 +140,11 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "server_overhead.md").write_text(text + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text + "\n")
     summary = {"machine": described, "model": model, "height": config.height, "width": config.width,
                "steps": config.steps, "rows": rows}  # fmt: skip
-    (RESULTS / "server_overhead.json").write_text(json.dumps(summary, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

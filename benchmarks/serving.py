@@ -245,6 +245,9 @@ def main() -> None:
     options.add(p, "device", "threads")
     p.add_argument("--out", type=Path, default=RESULTS / "serving")
     args = p.parse_args()
+    if min(args.chunks, args.auto_chunks) < 3:
+        p.error("--chunks and --auto-chunks must be at least 3: rates are timed between full chunks (the first is 1 "
+                "frame)")  # fmt: skip
     options.apply_threads(args)
     torch.set_grad_enabled(False)
     pipe, source = bench.load(args.model, None, args.device)

@@ -129,7 +129,14 @@ def serve_command(args: argparse.Namespace) -> int:
     return rayserve.main(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+# Commands that own their flags: `streamgen bench ...` is `streamgen.bench.main([...])`. Training is not part of the
+# runtime: `streamgen train` runs the recipe of the `train` extra when it is installed.
+DELEGATED = {"bench": "streamgen.bench", "train": "streamgen_train.cli"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag of `streamgen` (what `main` parses; scripts that start a server their own way parse
+    with it too, so they run with exactly the CLI's defaults)."""
     parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -193,16 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     serve.set_defaults(run=serve_command)
 
-    # These own their flags; `streamgen bench ...` is `streamgen.bench.main([...])`. Training is not part of the
-    # runtime: `streamgen train` runs the recipe of the `train` extra when it is installed.
-    delegated = {"bench": "streamgen.bench", "train": "streamgen_train.cli"}
+    # DELEGATED commands own their flags.
     commands.add_parser("bench", help="latency and fps per step budget (streamgen bench --help)")
     commands.add_parser("train", help="train the default model (streamgen train --help; the train extra)")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in delegated:
+    if argv and argv[0] in DELEGATED:
         try:
-            command = importlib.import_module(delegated[argv[0]])
+            command = importlib.import_module(DELEGATED[argv[0]])
         except ImportError as e:
             if argv[0] != "train" or not (e.name or "").startswith("streamgen_train"):
                 raise
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         return command.main(argv[1:])
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:

@@ -32,7 +32,6 @@ from ray.serve.context import _get_global_client  # noqa: E402
 
 from streamgen import cli  # noqa: E402
 from streamgen_client.client import MAX_MESSAGE_BYTES, StreamClient, endpoint, record  # noqa: E402
-from streamgen_server import app as server_app  # noqa: E402
 from streamgen_server import rayserve  # noqa: E402
 
 
@@ -53,22 +52,17 @@ def run(coroutine, timeout: float = TIMEOUT):
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
-def serve_args(monkeypatch: pytest.MonkeyPatch, *argv: str) -> argparse.Namespace:
-    """`streamgen serve ...` parsed by the real CLI, up to where it would start serving."""
-    parsed: list[argparse.Namespace] = []
-    for command in (server_app, rayserve):  # the plain server, or with --ray its deployment
-        monkeypatch.setattr(command, "main", lambda args: parsed.append(args) or 0)
-    assert cli.main(["serve", *argv]) == 0
-    return parsed[0]
+def serve_args(*argv: str) -> argparse.Namespace:
+    """`streamgen serve ...` as the real CLI parses it."""
+    return cli.build_parser().parse_args(["serve", *argv])
 
 
 @pytest.fixture(scope="module")
 def deployment(model_dir: Path) -> Iterator[tuple[str, argparse.Namespace]]:
     """Two replicas on a local Ray instance (its metrics on METRICS_PORT); yields the proxy's websocket URL and
     the serve arguments."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        argv = ["--ray", "--model", str(model_dir), "--device", "cpu", "--height", "64", "--width", "64"]
-        args = serve_args(monkeypatch, *argv, "--port", str(free_port()), "--replicas", "2", "--max-sessions", str(SLOTS))
+    argv = ["--ray", "--model", str(model_dir), "--device", "cpu", "--height", "64", "--width", "64"]
+    args = serve_args(*argv, "--port", str(free_port()), "--replicas", "2", "--max-sessions", str(SLOTS))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _metrics_export_port=METRICS_PORT)  # fmt: skip
     try:

@@ -13,30 +13,21 @@ from streamgen_train import components as C
 from streamgen_train import stages
 from streamgen_train.data import LatentSet
 
-TINY = C.Sizes(
-    height=32, width=32, vae_base_dim=4, vae_decoder_base_dim=4, text_dim=32, heads=2, head_dim=16, layers=2, ffn_dim=64
-)
-
-
-def test_every_stage_runs_and_the_export_streams(tmp_path):
-    out, model = tmp_path / "run", tmp_path / "model"
-    recipe = stages.Recipe(root=out, sizes=TINY, batch=4, clips=6, export_to=model)
-    for stage in cli.ALL:
-        cli.run_stage(recipe, stage, steps=1)
-    recorded = [json.loads(line)["stage"] for line in (out / "summary.jsonl").read_text().splitlines()]
+def test_every_stage_runs_and_the_export_streams(tiny_run: stages.Recipe):
+    recorded = [json.loads(line)["stage"] for line in (tiny_run.root / "summary.jsonl").read_text().splitlines()]
     assert recorded == list(cli.ALL)
-    assert len(torch.load(out / "latents.pt", weights_only=True)["captions"]) == 6
+    assert len(torch.load(tiny_run.root / "latents.pt", weights_only=True)["captions"]) == tiny_run.clips
 
-    pipe = StreamingPipeline.from_pretrained(model, device="cpu")
+    pipe = StreamingPipeline.from_pretrained(tiny_run.export_to, device="cpu")
     with pipe.start_session("a large red circle moving right quickly on a black background", seed=0) as session:
         frames = session.next_chunk()
     assert frames.shape[1:] == (32, 32, 3)
 
 
-def test_the_latent_set_grows_in_place(tmp_path):
+def test_the_latent_set_grows_in_place(tiny_run: stages.Recipe, tmp_path):
     """A larger `clips` encodes only the clips the cache lacks, and clip i is the same in every size of set."""
-    vae = C.build_vae(TINY).eval()
-    world = stages.Recipe(sizes=TINY).world
+    vae = C.build_vae(tiny_run.sizes).eval()
+    world = tiny_run.world
     path = tmp_path / "latents.pt"
     small = LatentSet.build(path, vae, world, clips=3, frames=2)
     grown = LatentSet.build(path, vae, world, clips=5, frames=2)

@@ -49,6 +49,7 @@ class Sizes:
     head_dim: int = 32
     layers: int = 6
     ffn_dim: int = 512
+    patch: int = 2  # latent pixels per token side: 2 gives a 64x64 frame 4x4 tokens, 1 gives it 8x8
     clip_latent_frames: int = 13  # 49 video frames, like a short Wan clip
 
 
@@ -96,7 +97,7 @@ def build_vae(sizes: Sizes) -> AutoencoderKLWan:
 
 def build_teacher(sizes: Sizes) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
+        patch_size=(1, sizes.patch, sizes.patch),
         num_attention_heads=sizes.heads,
         attention_head_dim=sizes.head_dim,
         in_channels=16,
