@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,7 @@ from streamgen import StreamingPipeline
 from streamgen.media import write_mp4
 from streamgen_client import cli
 from streamgen_client.client import StreamClient, endpoint, record
+from streamgen_server import app as server_app
 from streamgen_server.app import App, Background, serve_in_thread
 from streamgen_server.protocol import Limits, Start
 from streamgen_server.scheduler import MediaChunk, Scheduler
@@ -475,3 +477,19 @@ def test_streamgen_serve_command(model_dir: Path, tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_shutdown_that_does_not_end_fails_naming_what_it_waits_on(pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving `serve_in_thread` never hangs a test or benchmark: past its wait it raises, with the loop's awaits."""
+
+    release = threading.Event()
+
+    async def stuck(self) -> None:
+        await asyncio.to_thread(release.wait)
+
+    monkeypatch.setattr(server_app, "SHUTDOWN_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(server_app.App, "shutdown", stuck)
+    with pytest.raises(RuntimeError, match=r"did not shut down(.|\n)*stuck \(test_server.py"):
+        with serve_in_thread(pipe):
+            pass
+    release.set()  # the server's thread then ends

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -33,6 +34,9 @@ from .routes import WEB_ROOT, WEBSOCKET_PATH, Reply, Routes, allowed_hosts, watc
 from .scheduler import Scheduler
 
 SHUTDOWN_FLUSH_SECONDS = 2.0  # how long a graceful shutdown waits for clients to be told `stopped`
+# How long leaving `serve_in_thread` waits for the server's shutdown (a running chunk finishes, then the flush) before
+# it fails, naming what the server's loop still waits on.
+SHUTDOWN_WAIT_SECONDS = 120.0
 
 
 class LogThrottle(logging.Filter):
@@ -229,12 +233,14 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
     benchmarks and notebooks. Leaving the block shuts it down gracefully and waits for it."""
     listening = threading.Event()
     server: dict = {}
+    loops: list[asyncio.AbstractEventLoop] = []
 
     async def run() -> None:
         app, stop, loop = App(pipe, **{"hosts": allowed_hosts(host), **options}), asyncio.Event(), asyncio.get_running_loop()
 
         def on_listening(bound: int) -> None:
             server.update(app=app, port=bound, stop=lambda: loop.call_soon_threadsafe(stop.set))
+            loops.append(loop)
             listening.set()
 
         await app.serve(host, port, stop, on_listening)
@@ -249,7 +255,25 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
         yield background
     finally:
         background.stop()
-        thread.join()
+        thread.join(SHUTDOWN_WAIT_SECONDS)
+        if thread.is_alive():
+            waiting = asyncio.run_coroutine_threadsafe(_pending(), loops[0]).result(10)
+            raise RuntimeError(f"the server did not shut down in {SHUTDOWN_WAIT_SECONDS:.0f} s; waiting on:\n{waiting}")
+
+
+async def _pending() -> str:
+    """Where every other task of the running loop waits, down its chain of awaits: what a shutdown that does not end
+    is stuck on."""
+
+    def chain(awaited: Any) -> Iterator[str]:
+        while (frame := getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)) is not None:
+            yield f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        if awaited is not None:
+            yield repr(awaited)[:200]
+
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    return "\n".join(f"{task.get_name()}: " + " -> ".join(chain(task.get_coro())) for task in tasks)
 
 
 def limits(args: argparse.Namespace) -> Limits:
