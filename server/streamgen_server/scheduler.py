@@ -16,6 +16,7 @@ connection reads `ServedStream.messages()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -332,10 +333,11 @@ class Scheduler:
                     self._active.append(stream)
                 return turn
             timeout = max(hold, min((delay for delay, _ in delays), default=math.inf))
-            try:
-                await asyncio.wait_for(self._wake.wait(), None if math.isinf(timeout) else timeout)
-            except TimeoutError:
-                pass
+            # `asyncio.timeout`, not `wait_for`: before Python 3.12, `wait_for` swallows a cancellation that comes as
+            # the event is set, and a shutdown that cancelled this loop then waited for it forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if math.isinf(timeout) else timeout):
+                    await self._wake.wait()
 
     def _encoder_backlog(self, now: float) -> float:
         """With overlap, the seconds the encoder is expected to take for the chunks handed to it (the latest chunk's
