@@ -11,7 +11,6 @@ the time from the previous chunk's last denoising step to this chunk's last one 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from streamgen import StreamConfig, StreamingPipeline, options, presets
+from streamgen.bench import save_report
 from streamgen.engine import SinkWindow, TextCondition
 
 INDICES = (1, 4, 8, 16, 32)
@@ -120,23 +120,9 @@ def main() -> None:
         f"engine windowed {rows[-1][2] / rows[0][2]:.2f}x, reference {rows[-1][3] / rows[0][3]:.2f}x. The unbounded "
         "engine attends to the same growing context as the reference (attention grows, encoding does not).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "preset": args.preset,
-                "steps": args.steps,
-                "engine_unbounded_s": ours,
-                "engine_windowed_s": windowed,
-                "reference_s": theirs,
-            },
-            indent=1,
-        )
-    )
+    report = {"machine": machine, "preset": args.preset, "steps": args.steps, "engine_unbounded_s": ours,
+              "engine_windowed_s": windowed, "reference_s": theirs}  # fmt: skip
+    save_report(args.out, report, lambda _: "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--label", default="default")
-    parser.add_argument("--out", type=Path, help=f"report path, without suffix (default: {RESULTS.name}/continuation-LABEL)")
+    parser.add_argument(
+        "--out", type=Path, help=f"report path, without suffix (default: {RESULTS.name}/continuation-LABEL)"
+    )
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)

@@ -138,8 +138,9 @@ def on_ray(model: list[str]) -> Iterator[dict[str, str]]:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         urls = {}
         for name, replicas in (("one", 1), ("two", 2)):
-            args = cli.build_parser().parse_args(["serve", *model, "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
-                               "--max-sessions", str(SLOTS), "--port", str(port)])  # fmt: skip
+            args = cli.build_parser().parse_args(["serve", *model, "--ray", "--replicas", str(replicas),
+                                                  "--replica-cpus", "1", "--max-sessions", str(SLOTS),
+                                                  "--port", str(port)])  # fmt: skip
             serve.run(rayserve.application(args), name=name, route_prefix=f"/{name}")
             for core, pid in enumerate(replica_pids(name)):
                 pin(pid, core)

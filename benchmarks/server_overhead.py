@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import torch
 from diffusers import AnyFlowFARPipeline
 
 from streamgen import StreamConfig, StreamingPipeline, options, presets
+from streamgen.bench import save_report
 from streamgen.pipeline import DEFAULT_MODEL
 from streamgen_client.client import StreamClient, record
 from streamgen_server.app import serve_in_thread
@@ -109,7 +109,8 @@ def main() -> None:
     options.add(parser, "threads")
     args = parser.parse_args()
     if args.chunks < 3:
-        parser.error("--chunks must be at least 3: the chunk interval is timed between full chunks (the first is 1 frame)")
+        parser.error("--chunks must be at least 3: the chunk interval is timed between full chunks (the first is 1 "
+                     "frame)")  # fmt: skip
     options.apply_threads(args)
     torch.set_grad_enabled(False)
 
@@ -138,13 +139,9 @@ def main() -> None:
             for r in rows
         ),
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
     summary = {"machine": described, "model": model, "height": config.height, "width": config.width,
                "steps": config.steps, "rows": rows}  # fmt: skip
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_report(args.out, summary, lambda _: "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PROMPT = "a large red circle moving right quickly on a black background"
 CHROMIUM = Path("/usr/bin/chromium")
 
-# Script -> its arguments and what it writes, with {model} (a tiny model, 64x64 streams), {run} (a tiny training run, its export
-# in {run}/model) and {out} (a scratch directory); each asks for as little work as the script allows.
+# Script -> its arguments and what it writes, with {model} (a tiny model, 64x64 streams), {run} (a tiny training
+# run, its export in {run}/model) and {out} (a scratch directory); each asks for as little work as the script allows.
 SCRIPTS = {
     "batching.py": ("--model {model} --sessions 1,2 --steps 1 --rounds 1 --out {out}/r", ["r.md", "r.json"]),
     "chunk_cost.py": ("--preset tiny --steps 1 --chunks 2 --repeats 1 --out {out}/r", ["r.md", "r.json"]),

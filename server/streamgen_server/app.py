@@ -233,14 +233,12 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
     benchmarks and notebooks. Leaving the block shuts it down gracefully and waits for it."""
     listening = threading.Event()
     server: dict = {}
-    loops: list[asyncio.AbstractEventLoop] = []
 
     async def run() -> None:
         app, stop, loop = App(pipe, **{"hosts": allowed_hosts(host), **options}), asyncio.Event(), asyncio.get_running_loop()
 
         def on_listening(bound: int) -> None:
-            server.update(app=app, port=bound, stop=lambda: loop.call_soon_threadsafe(stop.set))
-            loops.append(loop)
+            server.update(app=app, port=bound, stop=lambda: loop.call_soon_threadsafe(stop.set), loop=loop)
             listening.set()
 
         await app.serve(host, port, stop, on_listening)
@@ -250,6 +248,7 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
     while not listening.wait(0.1):
         if not thread.is_alive():
             raise RuntimeError(f"the server could not start on {host}:{port}")
+    loop = server.pop("loop")
     background = Background(host=host, **server)
     try:
         yield background
@@ -257,7 +256,7 @@ def serve_in_thread(pipe: StreamingPipeline, host: str = "127.0.0.1", port: int 
         background.stop()
         thread.join(SHUTDOWN_WAIT_SECONDS)
         if thread.is_alive():
-            waiting = asyncio.run_coroutine_threadsafe(_pending(), loops[0]).result(10)
+            waiting = asyncio.run_coroutine_threadsafe(_pending(), loop).result(10)
             raise RuntimeError(f"the server did not shut down in {SHUTDOWN_WAIT_SECONDS:.0f} s; waiting on:\n{waiting}")
 
 
