@@ -29,6 +29,9 @@ SCRIPTS = {
         "--model {model} --sessions 1 --rounds 1 --changes 2 --steps 2 --configs webcodecs+measured --out {out}/r",
         ["r.md", "r.json"],
     ),
+    "memorisation.py": (
+        "--run {run} --prompts 1 --checkpoints 1 --samples 1 --sampling-steps 1 --out {out}/r", ["r.md", "r.json"]
+    ),
     "quality.py": ("--run {run} --prompts 1 --drift 2 --out {out}/r", ["r.md", "r.json"]),
     "robustness.py": ("--model {model} --out {out}/r", ["r.md", "r.json"]),
     "scale.py": ("--model {model} --sessions 2 --chunks 1 --rounds 1 --samples 2 --out {out}/r", ["r.md", "r.json"]),
