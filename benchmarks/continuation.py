@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen_train.data import EVAL_SEED
 from streamgen_train.world.grammar import parse_caption
 from streamgen_train.world.scene import VideoWorld
-from streamgen_train.world.scorer import background_name, estimate_background, score_details, semantic_score
+from streamgen_train.world.scorer import attribute_agreement, background_name, estimate_background, semantic_score
 from streamgen.vae import StreamingDecoder, encode_video, to_uint8_frames
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"
@@ -52,15 +51,6 @@ def per_chunk(streams: list[list[np.ndarray]], captions: list[str]) -> dict[str,
         "background": [float(np.mean([holds(s[k], c) for s, c in zip(streams, captions)])) for k in chunks],
         "semantic": [float(np.mean([semantic_score(s[k], c) for s, c in zip(streams, captions)])) for k in chunks],
     }
-
-
-def per_attribute(videos: list[np.ndarray], captions: list[str]) -> dict[str, float]:
-    """Mean agreement per kind of attribute, objects pooled (`score_details` keys without their object index)."""
-    agreement = defaultdict(list)
-    for video, caption in zip(videos, captions):
-        for key, value in score_details(video, caption).items():
-            agreement[key.rsplit(".", 1)[-1]].append(value)
-    return {kind: float(np.mean(values)) for kind, values in agreement.items()}
 
 
 @torch.no_grad()
@@ -112,9 +102,9 @@ def measure(pipe: StreamingPipeline, prompts: int, chunks: int, steps: int) -> d
         "stream_per_chunk": per_chunk(free, captions),
         "continuation_per_chunk": per_chunk(continued, captions),
         "per_attribute": {
-            "world data": per_attribute([video for video, _ in clips], captions),
-            "VAE round trip": per_attribute([np.concatenate(s) for s in vae_streams], captions),
-            "model's stream": per_attribute([np.concatenate(s) for s in free], captions),
+            "world data": attribute_agreement([video for video, _ in clips], captions),
+            "VAE round trip": attribute_agreement([np.concatenate(s) for s in vae_streams], captions),
+            "model's stream": attribute_agreement([np.concatenate(s) for s in free], captions),
         },
     }
 

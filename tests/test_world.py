@@ -17,7 +17,7 @@ from streamgen_train.world.grammar import (
     vocabulary,
 )
 from streamgen_train.world.scene import VideoWorld, render, sample_scene
-from streamgen_train.world.scorer import analyse, score_details, semantic_score
+from streamgen_train.world.scorer import analyse, attribute_agreement, score_details, semantic_score
 
 SEEDS = range(12)
 OPPOSITE = {name: next(o for o, v in DIRECTIONS.items() if v == (-x, -y)) for name, (x, y) in DIRECTIONS.items()}
@@ -142,6 +142,18 @@ def test_wrong_caption_scores_clearly_lower() -> None:
             assert details["background" if attribute == "background" else f"object0.{attribute}"] == 0.0
             # One false attribute out of at most 12 costs a full twelfth.
             assert sum(details.values()) / len(details) <= own - 1 / 12 + 1e-9, (scene.caption, attribute)
+
+
+def test_attribute_agreement_names_the_attribute_that_is_wrong() -> None:
+    scenes = [sample_scene(seed) for seed in range(4)]
+    videos = [render(scene, 32, 64, 64) for scene in scenes]
+    right = attribute_agreement(videos, [scene.caption for scene in scenes])
+    assert set(right) == {"background", "count", "colour", "shape", "size", "direction", "speed"}
+    wrong_colour = attribute_agreement(videos, [wrong(scene.spec, "colour") for scene in scenes])
+    # Each scene's first object is miscaptioned: at least that share of colours fails, and nothing else moves.
+    objects = sum(len(scene.spec.objects) for scene in scenes)
+    assert wrong_colour["colour"] <= right["colour"] - len(scenes) / objects + 1e-9
+    assert {k: v for k, v in wrong_colour.items() if k != "colour"} == {k: v for k, v in right.items() if k != "colour"}
 
 
 def test_score_is_robust_to_blur_and_noise() -> None:

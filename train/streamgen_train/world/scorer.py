@@ -257,3 +257,13 @@ def semantic_score(frames: np.ndarray, caption: str | CaptionSpec) -> float:
     """Fraction of the caption's attributes the frames agree with, in [0, 1] (see `score_details`)."""
     details = score_details(frames, caption)
     return sum(details.values()) / len(details)
+
+
+def attribute_agreement(videos: Sequence[np.ndarray], captions: Sequence[str | CaptionSpec]) -> dict[str, float]:
+    """Mean agreement per kind of attribute over clips, objects pooled (`score_details` keys without their object
+    index): where a model's semantic score is lost, e.g. objects missing ("count") rather than miscoloured."""
+    agreement: dict[str, list[float]] = {}
+    for video, caption in zip(videos, captions, strict=True):
+        for key, value in score_details(video, caption).items():
+            agreement.setdefault(key.rsplit(".", 1)[-1], []).append(value)
+    return {kind: float(np.mean(values)) for kind, values in agreement.items()}
