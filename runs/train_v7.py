@@ -4,8 +4,10 @@ the teacher fails to fit the whole world. Here the shipped 6-layer teacher is de
 changing its function: each old block is followed by copies of itself whose output projections (self-attention,
 cross-attention, feed-forward) are zero, so the new blocks start as the identity and learn what the old ones could
 not hold. Same VAE, decoder and 4096-clip latent set as v5/v6 (links made here); the teacher stage only.
+With LR (session 9, after `runs/train_v9.py` found 1e-4 fitting better than 3e-4), resumed steps use that learning
+rate (the recipe's `teacher_lr`; the checkpoint keeps the optimizer's moments).
 
-    OMP_NUM_THREADS=1 nohup python runs/train_v7.py LAYERS MINUTES > runs/train_v7_LAYERS.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python runs/train_v7.py LAYERS MINUTES [LR] > runs/train_v7_LAYERS.log 2>&1 &
 """
 
 import shutil
@@ -18,6 +20,7 @@ from streamgen_train import cli, stages
 from streamgen_train import components as C
 
 LAYERS, MINUTES = int(sys.argv[1]), float(sys.argv[2])
+LR = float(sys.argv[3]) if len(sys.argv) > 3 else stages.Recipe.teacher_lr
 SOURCE = stages.Recipe(root=Path("runs/v4"))
 INIT, RUN = Path(f"runs/v7init_{LAYERS}"), Path(f"runs/v7_{LAYERS}")
 SIZES = C.Sizes(layers=LAYERS)
@@ -49,5 +52,5 @@ RUN.mkdir(parents=True, exist_ok=True)
 for name, target in (("vae", "../v4/vae"), ("decoder", "../v4/decoder"), ("latents.pt", "../v5/latents.pt")):
     if not (RUN / name).exists():
         (RUN / name).symlink_to(target)
-recipe = stages.Recipe(root=RUN, sizes=SIZES, clips=4096, warm_start=INIT, minutes=MINUTES)
+recipe = stages.Recipe(root=RUN, sizes=SIZES, clips=4096, warm_start=INIT, minutes=MINUTES, teacher_lr=LR)
 cli.run_stage(recipe, "teacher", 1_000_000)

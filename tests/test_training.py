@@ -261,3 +261,19 @@ def test_ema_averages_weights_and_resumes_without_one(tmp_path):
     given = fresh.average.weight.detach().clone()
     assert run._resume({"model": torch.nn.Linear(3, 2), "ema": fresh}, {}) == 7
     assert torch.equal(fresh.average.weight, given) and int(fresh.updates) == 0
+
+
+def test_resume_keeps_the_optimizer_state_and_takes_the_new_learning_rate(tmp_path):
+    from streamgen_train.loop import Run
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    run = Run(tmp_path, "stage")
+    run._save(1, {"model": model}, {"opt": optimizer})
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    assert run._resume({"model": model}, {"opt": resumed}) == 1
+    assert resumed.param_groups[0]["lr"] == 1e-4
+    moments = resumed.state[model.weight]["exp_avg"]
+    assert torch.equal(moments, optimizer.state[model.weight]["exp_avg"]) and moments.abs().sum() > 0

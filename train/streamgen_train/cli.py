@@ -75,6 +75,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
+        "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
+    )
+    parser.add_argument(
         "--warm-start", type=Path, help="initialise from this run's finished stages"
     )
     parser.add_argument(
@@ -91,6 +94,7 @@ def main(argv: list[str]) -> int:
         device=torch.device(args.device) if args.device else default_device(),
         batch=args.batch,
         clips=args.clips,
+        teacher_lr=args.teacher_lr,
         export_to=args.export_to,
         minutes=args.minutes,
         warm_start=args.warm_start,

@@ -151,6 +151,11 @@ class Run:
                 continue  # an average new to the stage: its warm-up catches up with the resumed weights
             m.load_state_dict(state["modules"][k])
         for k, o in optimizers.items():
+            # The checkpoint holds the optimizer's moments; the learning rate is the recipe's, so a run resumed
+            # at another rate trains at that one.
+            rates = [group["lr"] for group in o.param_groups]
             o.load_state_dict(state["optimizers"][k])
+            for group, lr in zip(o.param_groups, rates, strict=True):
+                group["lr"] = lr
         tqdm.write(f"{self.dir.name}: resuming at step {state['step']}")
         return state["step"]
