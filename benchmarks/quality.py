@@ -122,7 +122,7 @@ def measure(args: argparse.Namespace) -> dict:
     captions = [world.clip(seed, 1)[1] for seed in seeds]
     text = TextCondition(torch.cat([pipe.encode_prompt(c) for c in captions]))
     # The teacher samples guided, as the causal models were trained to follow it; they stream unguided.
-    guided = TextCondition(text.embeds, pipe.encode_prompt("").expand_as(text.embeds), TEACHER_GUIDANCE)
+    guided = TextCondition(text.embeds, pipe.encode_prompt("").expand_as(text.embeds), args.teacher_guidance)
     gen = torch.Generator().manual_seed(0)
     for span, sizes in lengths.items():
         noises = [torch.randn(len(seeds), f, *latent_shape, generator=gen) for f in sizes]
@@ -169,7 +169,7 @@ def measure(args: argparse.Namespace) -> dict:
         "long_latent_frames": sum(lengths["long"]) if args.drift else 0,
         "window": window,
         "reference_steps": REFERENCE_STEPS,
-        "teacher_guidance": TEACHER_GUIDANCE,
+        "teacher_guidance": args.teacher_guidance,
         "seconds": round(time.perf_counter() - began),
         "load_average": load_average(),
         "data_semantic": {k: float(np.mean(v)) for k, v in data_scores.items()},
@@ -195,7 +195,9 @@ def render(report: dict) -> str:
         "# Few-step quality (toy default model)",
         "",
         (
-            f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}`: "
+            f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}"
+            + (f" --teacher-guidance {meta['teacher_guidance']}" if meta["teacher_guidance"] != TEACHER_GUIDANCE else "")
+            + f"`: "
             f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
             f"{meta['reference_steps']}-step ODE (guided at {meta['teacher_guidance']}, as the teacher rows; the "
             f"causal models stream unguided) from the same noise and teacher context; semantic score in [0, 1] of "
@@ -256,6 +258,12 @@ def main() -> None:
         type=lambda text: text.split(","),
         default=list(MODELS),
         help="comma-separated subset of the models (e.g. to run parts side by side and --merge them)",
+    )
+    parser.add_argument(
+        "--teacher-guidance",
+        type=float,
+        default=TEACHER_GUIDANCE,
+        help="classifier-free guidance of the teacher rows and the reference (default: the one the recipe distils)",
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="combine these parts' JSON into one report")
     parser.add_argument("--threads", type=int, default=1)
