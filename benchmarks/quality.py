@@ -196,6 +196,7 @@ def render(report: dict) -> str:
         "",
         (
             f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}"
+            + (f' --models "{",".join(names)}"' if set(names) != set(MODELS) else "")
             + (f" --teacher-guidance {meta['teacher_guidance']}" if meta["teacher_guidance"] != TEACHER_GUIDANCE else "")
             + f"`: "
             f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
