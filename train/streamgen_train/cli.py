@@ -78,6 +78,12 @@ def main(argv: list[str]) -> int:
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
+        "--teacher-guidance",
+        type=float,
+        default=Recipe.teacher_guidance,
+        help="classifier-free guidance of the teacher the causal stages distil (1: unguided)",
+    )
+    parser.add_argument(
         "--warm-start", type=Path, help="initialise from this run's finished stages"
     )
     parser.add_argument(
@@ -95,6 +101,7 @@ def main(argv: list[str]) -> int:
         batch=args.batch,
         clips=args.clips,
         teacher_lr=args.teacher_lr,
+        teacher_guidance=args.teacher_guidance,
         export_to=args.export_to,
         minutes=args.minutes,
         warm_start=args.warm_start,

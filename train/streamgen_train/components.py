@@ -27,8 +27,8 @@ MAX_SEQUENCE_LENGTH = 32  # the longest grammar caption (two objects) is 23 word
 # Classifier-free guidance, as Wan samples and AnyFlow distils: the teacher learns the empty caption on
 # CAPTION_DROPOUT of its world clips (footage is captioned "" anyway), and the causal models regress its velocity
 # guided at TEACHER_GUIDANCE, so they would follow the prompt as the guided teacher does while streaming unguided.
-# At this toy scale guidance 3 scored no better than none (docs/training.md, session 6), and a student given the
-# same time tracked the guided teacher far less closely, so the recipe distils the unguided teacher.
+# Guidance 3 did not help the 6-layer teacher (docs/training.md, session 6), so the recipe distils it unguided;
+# the shipped 12-layer student distils its teacher guided at 2 (`Recipe.teacher_guidance`, session 10).
 CAPTION_DROPOUT = 0.1
 TEACHER_GUIDANCE = 1.0
 PAD, UNK = "<pad>", "<unk>"

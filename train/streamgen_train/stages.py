@@ -69,6 +69,7 @@ class Recipe:
     # The teacher's AdamW rate. Continuing a teacher, 1e-4 fit its batches 5-6% better than 3e-4 (session 9,
     # docs/training.md); from scratch only 3e-4 has been tried.
     teacher_lr: float = 3e-4
+    teacher_guidance: float = C.TEACHER_GUIDANCE  # what the causal stages distil (> 1: against the empty caption)
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
         None  # another run whose finished stages initialise this run's models
@@ -285,9 +286,9 @@ def _data_step(recipe: Recipe, data: LatentSet, tokenizer, encoder, i: int, salt
     x0, captions = data.batch(i, recipe.batch, sum(partition), salt=salt)
     with torch.no_grad():
         text = C.encode_captions(tokenizer, encoder, captions)
-        guided = C.TEACHER_GUIDANCE > 1
+        guided = recipe.teacher_guidance > 1
         negative = C.encode_captions(tokenizer, encoder, [""] * len(captions)) if guided else None
-    return x0.to(recipe.device), TextCondition(text, negative, C.TEACHER_GUIDANCE), partition, gen
+    return x0.to(recipe.device), TextCondition(text, negative, recipe.teacher_guidance), partition, gen
 
 
 def train_student(recipe: Recipe, steps: int) -> dict[str, float]:
