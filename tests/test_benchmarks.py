@@ -41,6 +41,7 @@ SCRIPTS = {
     ),
     "steps_latency.py": ("--model {model} --steps 1,2 --chunks 2 --warmup 0 --out {out}/r", ["r.md", "r.json"]),
     "strip.py": (f"--model {{run}}/model --steps 1 --out {{out}}/r.png --prompt '{PROMPT}'", ["r.png"]),
+    "vae_ceiling.py": ("--vae tiny={run}/model/vae --prompts 1 --out {out}/r", ["r.md", "r.json"]),
 }
 MARKS = {
     "scale.py": [pytest.mark.ray],

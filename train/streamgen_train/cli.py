@@ -78,6 +78,9 @@ def main(argv: list[str]) -> int:
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
+        "--vae-lr", type=float, default=Recipe.vae_lr, help="the vae stage's learning rate (also on resume)"
+    )
+    parser.add_argument(
         "--teacher-guidance",
         type=float,
         default=Recipe.teacher_guidance,
@@ -101,6 +104,7 @@ def main(argv: list[str]) -> int:
         batch=args.batch,
         clips=args.clips,
         teacher_lr=args.teacher_lr,
+        vae_lr=args.vae_lr,
         teacher_guidance=args.teacher_guidance,
         export_to=args.export_to,
         minutes=args.minutes,

@@ -69,6 +69,7 @@ class Recipe:
     # The teacher's AdamW rate. Continuing a teacher, 1e-4 fit its batches 5-6% better than 3e-4 (session 9,
     # docs/training.md); from scratch only 3e-4 has been tried.
     teacher_lr: float = 3e-4
+    vae_lr: float = 1e-3  # the vae stage's AdamW rate, from scratch; a warm VAE may fine-tune lower (session 11)
     teacher_guidance: float = C.TEACHER_GUIDANCE  # what the causal stages distil (> 1: against the empty caption)
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
@@ -162,7 +163,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     """Reconstruction (L1 + L2, foreground pixels weighted up: shapes are a small part of each frame) + a small KL."""
     run = recipe.run("vae")
     vae = warm(recipe, C.build_vae(recipe.sizes), "vae", "vae")
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, VAE_CLIP_FRAMES)
