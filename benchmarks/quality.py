@@ -57,6 +57,12 @@ def decode(vae, latents: torch.Tensor) -> list[np.ndarray]:
     return [to_uint8_frames(v[None]) for v in video]
 
 
+def round_trip(vae, frames: np.ndarray) -> np.ndarray:
+    """The VAE's own round trip of a world clip (encode, then `decode`): what a model that made the clip's latents
+    would show, and so the ceiling of any model this VAE decodes."""
+    return decode(vae, encode_video(vae, frames))[0]
+
+
 @torch.no_grad()
 def stream(engine, text, noises, steps, window, context=None) -> torch.Tensor:
     """Latents of a stream; with `context`, each chunk is denoised after the context's earlier chunks instead of its
@@ -128,8 +134,7 @@ def measure(args: argparse.Namespace) -> dict:
         noises = [torch.randn(len(seeds), f, *latent_shape, generator=gen) for f in sizes]
         total = 1 + stride * (sum(sizes) - 1)
         truths = [world.clip(seed, frames_per_clip, start_frame=total - frames_per_clip)[0] for seed in seeds]
-        # The VAE's own round trip of those frames: what a model that made the data's latents would score.
-        round_trips = [decode(vae, encode_video(vae, truth))[0] for truth in truths]
+        round_trips = [round_trip(vae, truth) for truth in truths]
         data_scores[span] = [semantic_score(truth, caption) for truth, caption in zip(truths, captions)]
         vae_scores[span] = [semantic_score(video, caption) for video, caption in zip(round_trips, captions)]
         data_attributes[span] = attribute_agreement(truths, captions)

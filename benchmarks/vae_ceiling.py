@@ -25,9 +25,8 @@ from diffusers import AutoencoderKLWan
 from scipy.ndimage import gaussian_filter
 
 from footage import CLIPS_PER_IMAGE, CONTEXT_FRAMES
-from quality import CLIP_LATENT_FRAMES, decode, psnr
+from quality import CLIP_LATENT_FRAMES, psnr, round_trip
 from streamgen.bench import load_average, save_report
-from streamgen.vae import encode_video
 from streamgen_train import footage
 from streamgen_train.data import EVAL_SEED
 from streamgen_train.world.scene import VideoWorld
@@ -35,6 +34,7 @@ from streamgen_train.world.scorer import attribute_agreement, semantic_score
 
 RESULTS = Path(__file__).parent / "results" / "quality_probes"
 BLURS = (1.0, 1.5, 2.0)  # Gaussian sigma in pixels, per frame
+FRAMES = 1 + 4 * (CLIP_LATENT_FRAMES - 1)  # one training clip: the first frame alone, then 4 per latent frame
 
 
 def rate(videos: list[np.ndarray], truths: list[np.ndarray], captions: list[str]) -> dict:
@@ -46,14 +46,9 @@ def rate(videos: list[np.ndarray], truths: list[np.ndarray], captions: list[str]
 
 
 @torch.no_grad()
-def round_trip(vae: AutoencoderKLWan, frames: np.ndarray) -> np.ndarray:
-    return decode(vae, encode_video(vae, frames))[0]
-
-
 def measure(vaes: dict[str, Path], prompts: int) -> dict:
     world = VideoWorld()
-    frames = 1 + 4 * (CLIP_LATENT_FRAMES - 1)
-    clips = [world.clip((EVAL_SEED, p), frames) for p in range(prompts)]
+    clips = [world.clip((EVAL_SEED, p), FRAMES) for p in range(prompts)]
     truths, captions = [c[0] for c in clips], [c[1] for c in clips]
     shots = [footage.clip((EVAL_SEED, k), CONTEXT_FRAMES, world.height, world.width, names=(name,))
              for name in footage.HELD_OUT for k in range(CLIPS_PER_IMAGE)]
@@ -76,7 +71,7 @@ def render(report: dict) -> str:
         f"# VAE ceiling: {report['label']}",
         "",
         f"`python benchmarks/vae_ceiling.py {report['arguments']}`: {report['prompts']} held-out world clips of "
-        f"{1 + 4 * (CLIP_LATENT_FRAMES - 1)} frames; footage: {CLIPS_PER_IMAGE} camera moves over each held-out "
+        f"{FRAMES} frames; footage: {CLIPS_PER_IMAGE} camera moves over each held-out "
         f"photograph ({', '.join(footage.HELD_OUT)}), {CONTEXT_FRAMES} frames. Load average {report['load_average']}; "
         f"{report['seconds']} s.",
         "",
