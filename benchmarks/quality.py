@@ -10,6 +10,7 @@ For each step budget and model, on grammar prompts from held-out world seeds:
 The world's own frames at the same times give the scorer's ceiling ("data" row).
 
     python benchmarks/quality.py --run runs/default [--prompts 8] [--drift 10]
+    python benchmarks/quality.py --run streamgen/assets/default-model   # an exported model: teacher and stage 1
     # or in two processes side by side, then one table:
     python benchmarks/quality.py --run R --models teacher-euler,"anyflow (stage 1)" --out /tmp/a
     python benchmarks/quality.py --run R --models "anyflow (stage 2)",consistency --out /tmp/b
@@ -29,9 +30,10 @@ import torch
 from streamgen.bench import load_average, save_report
 from streamgen.config import DEFAULT_STEPS, StreamConfig
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
+from streamgen.models import wan_from_far
 from streamgen.pipeline import StreamingPipeline
 from streamgen_train import stages
-from streamgen_train.components import TEACHER_GUIDANCE, causal_teacher
+from streamgen_train.components import SHIFT, TEACHER_GUIDANCE, causal_teacher
 from streamgen_train.data import CHUNKS, EVAL_SEED
 from streamgen_train.world.scene import VideoWorld
 from streamgen_train.world.scorer import attribute_agreement, semantic_score
@@ -86,7 +88,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 MODELS = ("teacher-euler", "anyflow (stage 2)", "anyflow (stage 1)", "consistency")  # table order
 
 
-def load_models(recipe: stages.Recipe, names: list[str]) -> dict:
+def load(run: Path, names: list[str]) -> tuple:
+    """Tokenizer, text encoder, VAE, teacher and the named causal models of a training run, or of an exported model
+    directory (the shipped model, whose run need not survive): its transformer is stage 1, and its teacher is that
+    transformer read back as a Wan model (`wan_from_far`: the teacher stage 1 started from, as distillation left it)."""
+    if (run / "model_index.json").is_file():
+        pipe = StreamingPipeline.from_pretrained(run, device="cpu")
+        teacher = causal_teacher(wan_from_far(pipe.transformer))
+        models = {"teacher-euler": teacher, "anyflow (stage 1)": pipe.transformer}
+        return pipe.tokenizer, pipe.text_encoder, pipe.vae, teacher, {n: models[n] for n in names if n in models}
+    recipe = stages.Recipe(root=run)
     loaders = {
         "teacher-euler": lambda: causal_teacher(stages.load_teacher(recipe)),
         "anyflow (stage 2)": lambda: stages.load_far(recipe, "distill"),
@@ -94,25 +105,24 @@ def load_models(recipe: stages.Recipe, names: list[str]) -> dict:
         "consistency": lambda: stages.load_far(recipe, "consistency"),
     }
     available = [n for n in names if n != "anyflow (stage 2)" or recipe.run("distill").done]
-    return {name: loaders[name]() for name in available}
+    tokenizer, encoder = stages.load_text(recipe)
+    teacher = causal_teacher(stages.load_teacher(recipe))
+    return tokenizer, encoder, stages.load_vae(recipe), teacher, {name: loaders[name]() for name in available}
 
 
 def measure(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
-    recipe = stages.Recipe(root=args.run)
-    tokenizer, encoder = stages.load_text(recipe)
-    vae = stages.load_vae(recipe)
-    teacher = causal_teacher(stages.load_teacher(recipe))
-    models = load_models(recipe, args.models)
-    scheduler = stages.C.build_scheduler()
+    tokenizer, encoder, vae, teacher, models = load(args.run, args.models)
+    sizes = stages.C.Sizes()
+    scheduler = stages.C.build_scheduler(args.shift)
     reference_engine = StreamingEngine(teacher, scheduler)
     engines = {name: StreamingEngine(model, scheduler) for name, model in models.items()}
     window = StreamConfig().window
     pipe = StreamingPipeline(teacher, vae, scheduler, encoder, tokenizer)
-    world = VideoWorld(recipe.sizes.height, recipe.sizes.width)
+    world = VideoWorld(sizes.height, sizes.width)
     clip = CLIP_LATENT_FRAMES
     stride, scale = pipe.latent_scale  # the VAE's: frames per latent frame after the first, pixels per latent
-    latent_shape = (vae.config.z_dim, recipe.sizes.height // scale, recipe.sizes.width // scale)
+    latent_shape = (vae.config.z_dim, sizes.height // scale, sizes.width // scale)
     frames_per_clip = 1 + stride * (CLIP_LATENT_FRAMES - 1)
     lengths = {"clip": chunk_sizes(clip)} | ({"long": chunk_sizes(clip * args.drift)} if args.drift else {})
 
@@ -175,6 +185,7 @@ def measure(args: argparse.Namespace) -> dict:
         "window": window,
         "reference_steps": REFERENCE_STEPS,
         "teacher_guidance": args.teacher_guidance,
+        "shift": args.shift,
         "seconds": round(time.perf_counter() - began),
         "load_average": load_average(),
         "data_semantic": {k: float(np.mean(v)) for k, v in data_scores.items()},
@@ -203,6 +214,7 @@ def render(report: dict) -> str:
             f"`python benchmarks/quality.py --run {meta['run']} --prompts {meta['prompts']} --drift {meta['drift']}"
             + (f' --models "{",".join(names)}"' if set(names) != set(MODELS) else "")
             + (f" --teacher-guidance {meta['teacher_guidance']}" if meta["teacher_guidance"] != TEACHER_GUIDANCE else "")
+            + (f" --shift {meta['shift']}" if meta.get("shift", SHIFT) != SHIFT else "")
             + f"`: "
             f"{meta['prompts']} held-out grammar prompts; PSNR (dB) of decoded frames against the teacher's "
             f"{meta['reference_steps']}-step ODE (guided at {meta['teacher_guidance']}, as the teacher rows; the "
@@ -270,6 +282,9 @@ def main() -> None:
         type=float,
         default=TEACHER_GUIDANCE,
         help="classifier-free guidance of the teacher rows and the reference (default: the one the recipe distils)",
+    )
+    parser.add_argument(
+        "--shift", type=float, default=SHIFT, help="the sampler's time shift, every row's (default: the recipe's)"
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="combine these parts' JSON into one report")
     parser.add_argument("--threads", type=int, default=1)

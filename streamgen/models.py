@@ -71,6 +71,15 @@ def far_from_wan(wan: WanTransformer3DModel) -> AnyFlowFARTransformer3DModel:
     return far.to(wan.dtype)
 
 
+def wan_from_far(far: AnyFlowFARTransformer3DModel) -> WanTransformer3DModel:
+    """The Wan transformer a FAR student carries: its weights without the FAR-only modules `far_from_wan` added (the
+    teacher it was initialised from, as distillation left it)."""
+    wan = WanTransformer3DModel(**{key: far.config[key] for key in _WAN_KEYS if key in far.config})
+    weights = far.state_dict()
+    wan.load_state_dict({key: weights[key] for key in wan.state_dict()})
+    return wan.to(far.dtype)
+
+
 def load_transformer(
     directory: str | Path, dtype: torch.dtype | None = None
 ) -> AnyFlowFARTransformer3DModel:

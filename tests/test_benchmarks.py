@@ -3,12 +3,14 @@ else runs them: a script that an API change broke must fail here, not on the nex
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamgen import StreamConfig, StreamingPipeline, presets
@@ -71,6 +73,17 @@ def test_the_script_runs_and_writes_its_report(name: str, tiny_model: Path, tiny
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     for written in writes:
         assert (tmp_path / written).stat().st_size > 0, f"{name} did not write {written}"
+
+
+def test_quality_scores_an_exported_model(tiny_run, tmp_path: Path) -> None:
+    """The shipped model's figures need no training run: an exported model gives the teacher and stage-1 rows."""
+    argv = ["--run", str(tiny_run.root / "model"), "--prompts", "1", "--drift", "0", "--out", str(tmp_path / "r")]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), *argv], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {row["model"] for row in rows} == {"teacher-euler", "anyflow (stage 1)"}
+    assert all(np.isfinite(row["psnr"]) and 0 <= row["semantic"] <= 1 for row in rows)
 
 
 def test_every_script_is_run_here() -> None:

@@ -36,3 +36,16 @@ def test_the_latent_set_grows_in_place(tiny_run: stages.Recipe, tmp_path):
     fresh = LatentSet.build(tmp_path / "fresh.pt", vae, world, clips=5, frames=2)
     torch.testing.assert_close(fresh.latents, grown.latents)
     assert LatentSet.build(path, vae, world, clips=2, frames=1).latents.shape[:2] == (2, 1)
+
+
+def test_a_warm_start_from_an_exported_model_takes_its_weights(tiny_run: stages.Recipe, tmp_path):
+    """`--warm-start <model directory>`: the teacher starts from the exported student read as a Wan model, the VAE and
+    text encoder from the model's own (how a session continues the shipped model when no run of it survives)."""
+    model = tiny_run.export_to
+    recipe = stages.Recipe(root=tmp_path, sizes=tiny_run.sizes, warm_start=model)
+    pipe = StreamingPipeline.from_pretrained(model, device="cpu")
+    student = pipe.transformer.state_dict()
+    teacher = stages.warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher").state_dict()
+    assert all(torch.equal(v, student[k]) for k, v in teacher.items())
+    vae = stages.warm(recipe, C.build_vae(recipe.sizes), "vae", "vae").state_dict()
+    assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in vae.items())

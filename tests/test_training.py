@@ -11,7 +11,7 @@ from diffusers import AnyFlowFARTransformer3DModel, AutoencoderKLWan
 from transformers import UMT5EncoderModel
 
 from streamgen.engine import TextCondition
-from streamgen.models import far_from_wan
+from streamgen.models import far_from_wan, wan_from_far
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen_train import components as C
 from streamgen_train import stages
@@ -114,6 +114,23 @@ def test_teacher_step_lowers_flow_matching_loss(text, teacher):
 
     before, after = decreases(loss, [*model.parameters(), *enc.parameters()])
     assert after < before
+
+
+def test_wan_from_far_gives_back_the_teacher_a_student_was_built_from():
+    """What quality.py and a warm start read as the teacher of an exported model: the student without its FAR-only
+    modules, so a student fresh from `far_from_wan` gives back exactly its teacher."""
+    torch.manual_seed(3)
+    teacher = C.build_teacher(TINY).eval()
+    student = far_from_wan(teacher)
+    with torch.no_grad():
+        student.far_patch_embedding.weight.add_(1.0)  # FAR-only: not part of the teacher
+    recovered = wan_from_far(student).eval()
+    assert recovered.state_dict().keys() == teacher.state_dict().keys()
+    assert all(torch.equal(v, recovered.state_dict()[k]) for k, v in teacher.state_dict().items())
+    x, t = torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0])
+    text = torch.randn(1, 3, TINY.text_dim)
+    with torch.no_grad():
+        assert torch.equal(recovered(x, t, text).sample, teacher(x, t, text).sample)
 
 
 @pytest.mark.parametrize("partition", [(1,), (1, 3, 3, 3)])

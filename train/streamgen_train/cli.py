@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
-        "--vae-lr", type=float, default=Recipe.vae_lr, help="the vae stage's learning rate (also on resume)"
+        "--vae-lr", type=float, help="the vae and decoder stages' learning rate (also on resume; default: the stage's)"
     )
     parser.add_argument(
         "--teacher-guidance",

@@ -110,8 +110,8 @@ def build_teacher(sizes: Sizes) -> WanTransformer3DModel:
     )
 
 
-def build_scheduler() -> FlowMapEulerDiscreteScheduler:
-    return FlowMapEulerDiscreteScheduler(shift=SHIFT)
+def build_scheduler(shift: float = SHIFT) -> FlowMapEulerDiscreteScheduler:
+    return FlowMapEulerDiscreteScheduler(shift=shift)
 
 
 def causal_teacher(teacher: WanTransformer3DModel) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from streamgen.config import StreamConfig
 from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
-from streamgen.models import far_from_wan, load_transformer
+from streamgen.models import far_from_wan, load_transformer, wan_from_far
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
@@ -69,7 +69,9 @@ class Recipe:
     # The teacher's AdamW rate. Continuing a teacher, 1e-4 fit its batches 5-6% better than 3e-4 (session 9,
     # docs/training.md); from scratch only 3e-4 has been tried.
     teacher_lr: float = 3e-4
-    vae_lr: float = 1e-3  # the vae stage's AdamW rate, from scratch; a warm VAE may fine-tune lower (session 11)
+    # The VAE stages' AdamW rate. None: each stage's own (1e-3 from scratch, 3e-4 for a decoder fine-tuned from the
+    # vae stage's); a warm VAE fine-tunes better at 1e-4 (session 11).
+    vae_lr: float | None = None
     teacher_guidance: float = C.TEACHER_GUIDANCE  # what the causal stages distil (> 1: against the empty caption)
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
@@ -108,11 +110,13 @@ def warm(
         start = Path(recipe.warm_start)
         if (start / "model_index.json").is_file():
             path = start / _MODEL_DIR_COMPONENT[component]
-            source = load_transformer(path) if component == "teacher" else type(module).from_pretrained(path)
+            if component == "teacher":
+                source = wan_from_far(load_transformer(path))
+            else:
+                source = type(module).from_pretrained(path)
         else:
             source = type(module).from_pretrained(start / stage / "final" / component)
-        weights = source.state_dict()
-        module.load_state_dict({k: weights[k] for k in module.state_dict()})
+        module.load_state_dict(source.state_dict())
     return module.to(recipe.device)
 
 
@@ -163,7 +167,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     """Reconstruction (L1 + L2, foreground pixels weighted up: shapes are a small part of each frame) + a small KL."""
     run = recipe.run("vae")
     vae = warm(recipe, C.build_vae(recipe.sizes), "vae", "vae")
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr or 1e-3, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, i, recipe.batch // 4, VAE_CLIP_FRAMES)
@@ -211,7 +215,8 @@ def train_decoder(recipe: Recipe, steps: int) -> dict[str, float]:
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for param in decoder:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(decoder, lr=1e-3 if new_decoder else 3e-4, weight_decay=0.0)
+    lr = recipe.vae_lr or (1e-3 if new_decoder else 3e-4)
+    optimizer = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, _DECODER_SEED + i, recipe.batch // 4, VAE_CLIP_FRAMES)
