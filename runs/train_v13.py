@@ -11,9 +11,13 @@ The 12-layer teacher of `runs/v7_12` was lost with its run, but the shipped stud
 the FAR-only modules a Wan model ignores: read back as a Wan model and guided at 2 it scores 0.72 at 4 steps on 32
 held-out prompts, as the lost teacher did (0.70). The teacher stage continues it from there (warm from the shipped
 model, at session 9's continuing rate, on 4096 clips encoded by the shipped encoder): does more teacher training
-still pay?
+still pay? (Session 12: 0.72 / 0.72 / 0.70 -> 0.73 / 0.74 / 0.75 at 4 / 8 / 16 steps in 31 minutes.) Stage 1
+and its baseline then distil it, side by side, guided at 2 as in `runs/train_v10.py`, and `export` writes stage 1
+to `runs/v13/model` with the run's VAE: the shipped one, unless the decoder stage ran (session 12 did not ship it:
+it lifts the VAE's round trip, not the stream).
 
-    OMP_NUM_THREADS=1 nohup python runs/train_v13.py STAGE MINUTES > runs/train_v13_STAGE.log 2>&1 &   # decoder|teacher
+    OMP_NUM_THREADS=1 nohup python runs/train_v13.py STAGE MINUTES > runs/train_v13_STAGE.log 2>&1 &
+    # STAGE: decoder | teacher | student | consistency | export
 """
 
 import shutil
@@ -29,5 +33,5 @@ if not VAE.exists():
     shutil.copytree(stages.DEFAULT_MODEL / "vae", VAE)
 STAGE, MINUTES = sys.argv[1], float(sys.argv[2])
 recipe = stages.Recipe(root=RUN, sizes=C.Sizes(layers=12), clips=4096, minutes=MINUTES, vae_lr=1e-4, teacher_lr=1e-4,
-                       teacher_guidance=2.0, warm_start=stages.DEFAULT_MODEL)
+                       teacher_guidance=2.0, warm_start=stages.DEFAULT_MODEL, export_to=RUN / "model")
 cli.run_stage(recipe, STAGE, 1_000_000)

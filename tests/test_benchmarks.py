@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from streamgen import StreamConfig, StreamingPipeline, presets
+from test_browser import chromium  # noqa: F401 - a fixture (Debian's Chromium, for interaction.py)
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PROMPT = "a large red circle moving right quickly on a black background"
-CHROMIUM = Path("/usr/bin/chromium")
 
 # Script -> its arguments and what it writes, with {model} (a tiny model, 64x64 streams), {run} (a tiny training
 # run, its export in {run}/model) and {out} (a scratch directory); each asks for as little work as the script allows.
@@ -45,10 +45,8 @@ SCRIPTS = {
     "strip.py": (f"--model {{run}}/model --steps 1 --out {{out}}/r.png --prompt '{PROMPT}'", ["r.png"]),
     "vae_ceiling.py": ("--vae tiny={run}/model/vae --prompts 1 --out {out}/r", ["r.md", "r.json"]),
 }
-MARKS = {
-    "scale.py": [pytest.mark.ray],
-    "interaction.py": [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium (test_browser.py)")],
-}
+MARKS = {"scale.py": [pytest.mark.ray]}
+FIXTURES = {"interaction.py": "chromium"}  # what a script needs beyond Python (installed by the fixture, else a skip)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, [])) for name in sorted(SCRIPTS)])
-def test_the_script_runs_and_writes_its_report(name: str, tiny_model: Path, tiny_run, tmp_path: Path) -> None:
+def test_the_script_runs_and_writes_its_report(
+    name: str, tiny_model: Path, tiny_run, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if name in FIXTURES:
+        request.getfixturevalue(FIXTURES[name])
     arguments, writes = SCRIPTS[name]
     argv = shlex.split(arguments.format(model=tiny_model, run=tiny_run.root, out=tmp_path))
     done = subprocess.run(
