@@ -98,15 +98,15 @@ def load(run: Path, names: list[str]) -> tuple:
         models = {"teacher-euler": teacher, "anyflow (stage 1)": pipe.transformer}
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, teacher, {n: models[n] for n in names if n in models}
     recipe = stages.Recipe(root=run)
+    teacher = causal_teacher(stages.load_teacher(recipe))
     loaders = {
-        "teacher-euler": lambda: causal_teacher(stages.load_teacher(recipe)),
+        "teacher-euler": lambda: teacher,
         "anyflow (stage 2)": lambda: stages.load_far(recipe, "distill"),
         "anyflow (stage 1)": lambda: stages.load_far(recipe, "student"),
         "consistency": lambda: stages.load_far(recipe, "consistency"),
     }
     available = [n for n in names if n != "anyflow (stage 2)" or recipe.run("distill").done]
     tokenizer, encoder = stages.load_text(recipe)
-    teacher = causal_teacher(stages.load_teacher(recipe))
     return tokenizer, encoder, stages.load_vae(recipe), teacher, {name: loaders[name]() for name in available}
 
 

@@ -49,6 +49,12 @@ MARKS = {"scale.py": [pytest.mark.ray]}
 FIXTURES = {"interaction.py": "chromium"}  # what a script needs beyond Python (installed by the fixture, else a skip)
 
 
+def run_script(name: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """A benchmark script run as people run it (its own process, one thread)."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *argv], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset with 64x64 streams as its stream defaults, which every script then uses."""
@@ -64,14 +70,7 @@ def test_the_script_runs_and_writes_its_report(
     if name in FIXTURES:
         request.getfixturevalue(FIXTURES[name])
     arguments, writes = SCRIPTS[name]
-    argv = shlex.split(arguments.format(model=tiny_model, run=tiny_run.root, out=tmp_path))
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_script(name, shlex.split(arguments.format(model=tiny_model, run=tiny_run.root, out=tmp_path)))
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     for written in writes:
         assert (tmp_path / written).stat().st_size > 0, f"{name} did not write {written}"
@@ -80,8 +79,7 @@ def test_the_script_runs_and_writes_its_report(
 def test_quality_scores_an_exported_model(tiny_run, tmp_path: Path) -> None:
     """The shipped model's figures need no training run: an exported model gives the teacher and stage-1 rows."""
     argv = ["--run", str(tiny_run.root / "model"), "--prompts", "1", "--drift", "0", "--out", str(tmp_path / "r")]
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), *argv], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = run_script("quality.py", argv)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {row["model"] for row in rows} == {"teacher-euler", "anyflow (stage 1)"}
