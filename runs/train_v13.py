@@ -15,7 +15,8 @@ still pay? (Session 12: 0.72 / 0.72 / 0.70 -> 0.73 / 0.74 / 0.75 at 4 / 8 / 16 s
 and its baseline then distil it, side by side, guided at 2 as in `runs/train_v10.py`, and `export` writes stage 1
 to `runs/v13/model` with the run's VAE: the shipped one, unless the decoder stage ran (session 12 did not ship it:
 it lifts the VAE's round trip, not the stream). Session 13 ran `student 80` and `consistency 80` side by side on the
-teacher at step 3400, then `export 0`, and shipped the model: 0.75 at 4 steps on 32 prompts (session 10's: 0.71).
+teacher at step 3400, then `export 0`, and shipped the model: 0.71 at 4 steps on 64 prompts as session 10's, 0.72 at 16
+(0.69).
 
     OMP_NUM_THREADS=1 nohup python runs/train_v13.py STAGE MINUTES > runs/train_v13_STAGE.log 2>&1 &
     # STAGE: decoder | teacher | student | consistency | export
