@@ -25,6 +25,7 @@ SCRIPTS = {
     "batching.py": ("--model {model} --sessions 1,2 --steps 1 --rounds 1 --out {out}/r", ["r.md", "r.json"]),
     "chunk_cost.py": ("--preset tiny --steps 1 --chunks 2 --repeats 1 --out {out}/r", ["r.md", "r.json"]),
     "continuation.py": ("--model {run}/model --prompts 2 --chunks 2 --steps 1 --out {out}/r", ["r.md", "r.json"]),
+    "direction.py": ("--run {run} --model student --prompts 6 --out {out}/r", ["r.md", "r.json"]),
     "extension_sheet.py": ("--model {model} --chunks 1 --sheet {out}/r.png --out {out}/r.json", ["r.png", "r.json"]),
     "footage.py": ("--model {run}/model --steps 1 --out {out}/r --sheet {out}/r.png", ["r.md", "r.json", "r.png"]),
     "interaction.py": (

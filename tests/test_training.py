@@ -116,6 +116,24 @@ def test_teacher_step_lowers_flow_matching_loss(text, teacher):
     assert after < before
 
 
+def test_text_encoder_keeps_its_function_in_finer_position_buckets():
+    """An encoder trained with T5's coarse relative-position buckets (8 up to offset 128: offsets 2-15 share one
+    bias) warm-starts the recipe's finer ones unchanged, and the finer ones tell those offsets apart."""
+    torch.manual_seed(4)
+    fine = C.build_text_encoder(TINY, 50).eval()
+    coarse_config = copy.deepcopy(fine.config)
+    coarse_config.relative_attention_num_buckets, coarse_config.relative_attention_max_distance = 8, 128
+    coarse = UMT5EncoderModel(coarse_config).eval()
+    C.load_text_encoder_weights(fine, coarse)
+    ids = torch.randint(2, 50, (2, C.MAX_SEQUENCE_LENGTH))
+    with torch.no_grad():
+        assert torch.allclose(fine(ids).last_hidden_state, coarse(ids).last_hidden_state, atol=1e-6)
+    offsets = torch.arange(2, 16)
+    bucket = fine.encoder.block[0].layer[0].SelfAttention._relative_position_bucket
+    assert len(set(bucket(offsets).tolist())) == len(set(bucket(-offsets).tolist())) == 10  # 2-7 exact, 8-15 in 4
+    assert len(set(coarse.encoder.block[0].layer[0].SelfAttention._relative_position_bucket(offsets).tolist())) == 1
+
+
 def test_wan_from_far_gives_back_the_teacher_a_student_was_built_from():
     """What quality.py and a warm start read as the teacher of an exported model: the student without its FAR-only
     modules, so a student fresh from `far_from_wan` gives back exactly its teacher."""

@@ -158,13 +158,16 @@ class StreamingEngine:
             block.compile(**{"dynamic": True} | options)
 
     @torch.no_grad()
-    def denoise(self, cache: KVCache, noise: torch.Tensor, text: TextCondition, steps: int) -> torch.Tensor:
-        """Denoise one chunk from its initial `noise` `(B, F, C, h, w)` in `steps` flow-map jumps."""
+    def denoise(
+        self, cache: KVCache, noise: torch.Tensor, text: TextCondition, steps: int, start: int = 0
+    ) -> torch.Tensor:
+        """Denoise one chunk from its initial `noise` `(B, F, C, h, w)` in `steps` flow-map jumps; from the
+        `start`-th jump on, `noise` is latents already at that jump's `sigma_t` (SDEdit)."""
         self._check_latents(cache, noise, text)
         freqs = self.rope(cache, cache.context_frames, noise.shape[1], False)
         layers = self.context(cache, text, freqs)
         z = noise
-        for step in self.schedule(steps):
+        for step in self.schedule(steps)[start:]:
             x = text.batch(z)
             t = step.t.expand(x.shape[0], x.shape[1])
             r = step.r.expand(x.shape[0], x.shape[1])

@@ -78,6 +78,9 @@ def main(argv: list[str]) -> int:
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
+        "--text-lr", type=float, help="the text encoder's rate in the teacher stage (default: the teacher's)"
+    )
+    parser.add_argument(
         "--vae-lr", type=float, help="the vae and decoder stages' learning rate (also on resume; default: the stage's)"
     )
     parser.add_argument(
@@ -104,6 +107,7 @@ def main(argv: list[str]) -> int:
         batch=args.batch,
         clips=args.clips,
         teacher_lr=args.teacher_lr,
+        text_lr=args.text_lr,
         vae_lr=args.vae_lr,
         teacher_guidance=args.teacher_guidance,
         export_to=args.export_to,

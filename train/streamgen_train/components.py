@@ -24,6 +24,7 @@ from .world.grammar import vocabulary
 # redundancy per frame, so a milder shift (the SD3 resolution rule moves it down with the token count).
 SHIFT = 3.0
 MAX_SEQUENCE_LENGTH = 32  # the longest grammar caption (two objects) is 23 words
+TEXT_POSITION_BUCKETS = 32  # the text encoder's relative-position buckets, both directions together
 # Classifier-free guidance, as Wan samples and AnyFlow distils: the teacher learns the empty caption on
 # CAPTION_DROPOUT of its world clips (footage is captioned "" anyway), and the causal models regress its velocity
 # guided at TEACHER_GUIDANCE, so they would follow the prompt as the guided teacher does while streaming unguided.
@@ -75,11 +76,31 @@ def build_text_encoder(sizes: Sizes, vocab_size: int) -> UMT5EncoderModel:
         d_ff=2 * sizes.text_dim,
         num_layers=2,
         num_heads=4,
-        relative_attention_num_buckets=8,
+        # A distinct bias for every offset up to 7 and fine bins beyond, over the longest caption: with T5's 8
+        # buckets up to 128, offsets 2-15 shared one bias, so the encoder could not tell which object's clause a
+        # direction word sits in (docs/training.md, session 14).
+        relative_attention_num_buckets=TEXT_POSITION_BUCKETS,
+        relative_attention_max_distance=MAX_SEQUENCE_LENGTH,
         dropout_rate=0.0,
         pad_token_id=0,
     )
     return UMT5EncoderModel(config)
+
+
+def load_text_encoder_weights(target: UMT5EncoderModel, source: UMT5EncoderModel) -> None:
+    """Copy `source` into `target`, whose relative-position buckets may differ: each of `target`'s buckets starts
+    with the bias of `source`'s bucket for the same offsets (up to `MAX_SEQUENCE_LENGTH`), so an encoder trained
+    with coarser buckets keeps its function where the finer ones refine its bins."""
+    state = source.state_dict()
+    offsets = torch.arange(1 - MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH)
+    for name, module in target.named_modules():
+        if getattr(module, "has_relative_attention_bias", False):
+            old = source.get_submodule(name)
+            index = torch.zeros(module.relative_attention_num_buckets, dtype=torch.long)
+            index[module._relative_position_bucket(offsets)] = old._relative_position_bucket(offsets)
+            key = f"{name}.relative_attention_bias.weight"
+            state[key] = state[key][index]
+    target.load_state_dict(state)
 
 
 def build_vae(sizes: Sizes) -> AutoencoderKLWan:

@@ -69,6 +69,7 @@ class Recipe:
     # The teacher's AdamW rate. Continuing a teacher, 1e-4 fit its batches 5-6% better than 3e-4 (session 9,
     # docs/training.md); from scratch only 3e-4 has been tried.
     teacher_lr: float = 3e-4
+    text_lr: float | None = None  # the text encoder's rate in the teacher stage (None: `teacher_lr`)
     # The VAE stages' AdamW rate. None: each stage's own (1e-3 from scratch, 3e-4 for a decoder fine-tuned from the
     # vae stage's); a warm VAE fine-tunes better at 1e-4 (session 11).
     vae_lr: float | None = None
@@ -116,7 +117,10 @@ def warm(
                 source = type(module).from_pretrained(path)
         else:
             source = type(module).from_pretrained(start / stage / "final" / component)
-        module.load_state_dict(source.state_dict())
+        if component == "text_encoder":
+            C.load_text_encoder_weights(module, source)  # which may have been trained with other position buckets
+        else:
+            module.load_state_dict(source.state_dict())
     return module.to(recipe.device)
 
 
@@ -253,7 +257,8 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
     )
     teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
     models = torch.nn.ModuleDict({"teacher": teacher, "text_encoder": encoder})
-    optimizer = torch.optim.AdamW(models.parameters(), lr=recipe.teacher_lr, weight_decay=0.01)
+    groups = [{"params": teacher.parameters()}, {"params": encoder.parameters(), "lr": recipe.text_lr or recipe.teacher_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.teacher_lr, weight_decay=0.01)
     ema = EMA(models)
 
     def step(i: int) -> dict[str, float]:
