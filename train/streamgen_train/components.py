@@ -76,9 +76,9 @@ def build_text_encoder(sizes: Sizes, vocab_size: int) -> UMT5EncoderModel:
         d_ff=2 * sizes.text_dim,
         num_layers=2,
         num_heads=4,
-        # A distinct bias for every offset up to 7 and fine bins beyond, over the longest caption: with T5's 8
-        # buckets up to 128, offsets 2-15 shared one bias, so the encoder could not tell which object's clause a
-        # direction word sits in (docs/training.md, session 14).
+        # A distinct bias for every offset up to 7 and fine bins beyond, over the longest caption. With T5's 8
+        # buckets up to 128 offsets 2-15 share one bias, and an encoder taught to read each object's direction
+        # from its colour word learned it slower (session 14, docs/training.md).
         relative_attention_num_buckets=TEXT_POSITION_BUCKETS,
         relative_attention_max_distance=MAX_SEQUENCE_LENGTH,
         dropout_rate=0.0,
