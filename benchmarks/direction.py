@@ -34,7 +34,7 @@ from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from streamgen.vae import encode_video
 from streamgen_train import stages
-from streamgen_train.components import MAX_SEQUENCE_LENGTH, TEACHER_GUIDANCE
+from streamgen_train.components import TEACHER_GUIDANCE
 from streamgen_train.data import CHUNKS, EVAL_SEED
 from streamgen_train.world.grammar import DIRECTIONS, ObjectSpec, direction_name, parse_caption
 from streamgen_train.world.scene import VideoWorld
@@ -72,9 +72,7 @@ def binding(tokenizer, encoder, world: VideoWorld, captions: int = BINDING_CAPTI
             texts.append(caption)
     features: dict[str, list] = {"colour from the direction word": [], "direction from the colour word": []}
     labels: dict[str, list] = {k: [] for k in features}
-    for caption in texts:
-        ids = tokenizer(caption, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, return_tensors="pt")
-        hidden = encoder(**ids).last_hidden_state[0]
+    for caption, hidden in zip(texts, stages.C.encode_captions(tokenizer, encoder, texts)):
         moving = [i for i, word in enumerate(caption.split()) if word == "moving"]  # "a size colour shape moving"
         for obj, m in zip(parse_caption(caption).objects, moving):
             features["colour from the direction word"].append(hidden[m + 1])

@@ -257,7 +257,8 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
     )
     teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
     models = torch.nn.ModuleDict({"teacher": teacher, "text_encoder": encoder})
-    groups = [{"params": teacher.parameters()}, {"params": encoder.parameters(), "lr": recipe.text_lr or recipe.teacher_lr}]
+    text_lr = recipe.text_lr or recipe.teacher_lr
+    groups = [{"params": teacher.parameters()}, {"params": encoder.parameters(), "lr": text_lr}]
     optimizer = torch.optim.AdamW(groups, lr=recipe.teacher_lr, weight_decay=0.01)
     ema = EMA(models)
 
