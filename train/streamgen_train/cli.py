@@ -81,6 +81,12 @@ def main(argv: list[str]) -> int:
         "--text-lr", type=float, help="the text encoder's rate in the teacher stage (default: the teacher's)"
     )
     parser.add_argument(
+        "--binding-weight",
+        type=float,
+        default=Recipe.binding_weight,
+        help="weight of the teacher stage's binding loss (each caption word predicts its object's attributes)",
+    )
+    parser.add_argument(
         "--vae-lr", type=float, help="the vae and decoder stages' learning rate (also on resume; default: the stage's)"
     )
     parser.add_argument(
@@ -108,6 +114,7 @@ def main(argv: list[str]) -> int:
         clips=args.clips,
         teacher_lr=args.teacher_lr,
         text_lr=args.text_lr,
+        binding_weight=args.binding_weight,
         vae_lr=args.vae_lr,
         teacher_guidance=args.teacher_guidance,
         export_to=args.export_to,

@@ -22,6 +22,7 @@ from streamgen.engine import TextCondition
 from . import attention
 from .components import shifted_sigmas
 from .data import CHUNKS
+from .world.grammar import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS, word_objects
 
 _SCALE = 1000.0  # the scheduler's num_train_timesteps
 # Teacher Euler steps over [0, 1] in distillation targets: stage 1's teacher step is at most 1 / TEACHER_STEPS, and
@@ -165,6 +166,42 @@ def teacher_loss(
     timestep = (t * _SCALE).repeat_interleave(tokens, dim=1)
     v = teacher(z.permute(0, 2, 1, 3, 4), timestep, text).sample.permute(0, 2, 1, 3, 4)
     return weighted_mse(v[:, context:], (noise - x)[:, context:], x[:, context:])
+
+
+# What each word of an object's clause learns to carry in the binding loss: every attribute of its object.
+BINDING_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "size": tuple(SIZES),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "direction": tuple(DIRECTIONS),
+    "speed": tuple(SPEEDS),
+}
+BINDING_CLASSES = sum(len(names) for names in BINDING_ATTRIBUTES.values())
+
+
+def binding_labels(captions: list[str], length: int) -> torch.Tensor:
+    """`(B, length, attributes)` class indices of each word's object (-100: a word of no object's clause)."""
+    labels = torch.full((len(captions), length, len(BINDING_ATTRIBUTES)), -100)
+    for row, caption in enumerate(captions):
+        for word, obj in enumerate(word_objects(caption)[:length]):
+            if obj is not None:
+                values = (obj.size, obj.colour, obj.shape, obj.direction, obj.speed)
+                labels[row, word] = torch.tensor([names.index(v) for names, v in zip(BINDING_ATTRIBUTES.values(), values)])
+    return labels
+
+
+def binding_loss(head: torch.nn.Linear, states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Cross-entropy of every attribute of each word's object, read linearly from the word's encoding.
+
+    A stand-in for the language pretraining a real UMT5 brings: the teacher's cross-attention sees no text
+    positions, only what the encoder mixed into each token, and its diffusion loss alone did not teach the toy
+    encoder which direction belongs to which object (session 14, docs/training.md)."""
+    labels = binding_labels(captions, states.shape[1]).to(states.device)
+    if not (labels >= 0).any():
+        return states.new_zeros(())
+    logits = head(states).split([len(names) for names in BINDING_ATTRIBUTES.values()], dim=-1)
+    losses = [F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten()) for k, lg in enumerate(logits)]
+    return torch.stack(losses).mean()
 
 
 def per_frame(values: torch.Tensor, partition: tuple[int, ...]) -> torch.Tensor:

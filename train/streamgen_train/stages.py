@@ -30,7 +30,9 @@ from . import components as C
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
 from .loop import EMA, Run, generator, optimize
 from .losses import (
+    BINDING_CLASSES,
     TEACHER_STEPS,
+    binding_loss,
     causal_velocity,
     consistency_loss,
     flow_matching_loss,
@@ -70,6 +72,7 @@ class Recipe:
     # docs/training.md); from scratch only 3e-4 has been tried.
     teacher_lr: float = 3e-4
     text_lr: float | None = None  # the text encoder's rate in the teacher stage (None: `teacher_lr`)
+    binding_weight: float = 0.0  # the teacher stage's `binding_loss` weight (0: the diffusion loss alone)
     # The VAE stages' AdamW rate. None: each stage's own (1e-3 from scratch, 3e-4 for a decoder fine-tuned from the
     # vae stage's); a warm VAE fine-tunes better at 1e-4 (session 11).
     vae_lr: float | None = None
@@ -257,8 +260,13 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
     )
     teacher = warm(recipe, C.build_teacher(recipe.sizes), "teacher", "teacher")
     models = torch.nn.ModuleDict({"teacher": teacher, "text_encoder": encoder})
+    # The binding loss's linear read-out trains with the encoder and is dropped with the run: only the encoder ships.
+    head = torch.nn.Linear(recipe.sizes.text_dim, BINDING_CLASSES).to(recipe.device)
     text_lr = recipe.text_lr or recipe.teacher_lr
-    groups = [{"params": teacher.parameters()}, {"params": encoder.parameters(), "lr": text_lr}]
+    groups = [
+        {"params": teacher.parameters()},
+        {"params": [*encoder.parameters(), *head.parameters()], "lr": text_lr},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=recipe.teacher_lr, weight_decay=0.01)
     ema = EMA(models)
 
@@ -270,13 +278,17 @@ def train_teacher(recipe: Recipe, steps: int) -> dict[str, float]:
         captions = ["" if drop else c for c, drop in zip(captions, dropped.tolist())]
         text = C.encode_captions(tokenizer, encoder, captions)
         loss = teacher_loss(teacher, x0.to(recipe.device), text, generator(i, 1))
+        losses = {"fm": loss}
+        if recipe.binding_weight:
+            losses["binding"] = binding_loss(head, text, captions)
+            loss = loss + recipe.binding_weight * losses["binding"]
         optimize(optimizer, loss)
         ema.update(models)
-        return {"fm": loss.item()}
+        return {k: v.item() for k, v in losses.items()}
 
     losses = run.train(
         steps,
-        {"teacher": teacher, "text_encoder": encoder, "ema": ema},
+        {"teacher": teacher, "text_encoder": encoder, "binding_head": head, "ema": ema},
         {"opt": optimizer},
         step,
         minutes=recipe.minutes,

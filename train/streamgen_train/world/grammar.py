@@ -112,6 +112,18 @@ _CAPTION_RE = re.compile(rf"(.+) on a ({_alternation(list(BACKGROUNDS))}) backgr
 _SPEED_BY_WORD = {word: name for name, word in _SPEED_WORDS.items()}
 
 
+def word_objects(caption: str) -> list[ObjectSpec | None]:
+    """For each word of a grammar caption, the object whose clause it sits in (None for "and" and the background
+    clause); [] for anything outside the grammar. A word-level tokenizer makes this one entry per token."""
+    spec = parse_caption(caption)
+    if spec is None:
+        return []
+    words: list[ObjectSpec | None] = []
+    for obj in spec.objects:
+        words += [None] * bool(words) + [obj] * len(obj.phrase.split())  # "and" before every clause but the first
+    return words + [None] * len(f"on a {spec.background} background".split())
+
+
 def parse_caption(text: str) -> CaptionSpec | None:
     """Read a caption of the grammar back into its attributes; None for anything outside the grammar.
 
