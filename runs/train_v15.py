@@ -2,7 +2,8 @@
 clause predicts that object's attributes from its encoding, weight 0.1), so the encoder binds each direction to its
 object and the teacher learns to read it. Both arms continue session 14's `buckets-textlr` teacher (32 text
 buckets, encoder at 1e-3) on session 13's 4096 clips with a fresh AdamW, one core each: `bind` (teacher at 1e-4)
-and `bind-fast` (teacher at 3e-4, to follow the encoder's new embeddings sooner).
+and `bind-fast` (teacher at 3e-4, to follow the encoder's new embeddings sooner). `bind` was continued to step 12215,
+whose teacher moved to `runs/v15bind-12215` (ARM `bind-12215`: its later stages, from that teacher).
 
     OMP_NUM_THREADS=1 nohup python runs/train_v15.py ARM STAGE MINUTES > runs/train_v15_ARM_STAGE.log 2>&1 &
 """
