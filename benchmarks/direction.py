@@ -13,8 +13,8 @@ fitted over frames 1-12 (the first continued chunk: frame 0 is chunk 0, one late
       colour of a direction word's clause from that word's encoding, and the clause's direction from the colour
       word's (the teacher's cross-attention sees no text positions: only what the encoder mixed into each token).
 Each broken down by object count, speed and kind of direction (cardinal or diagonal), with the share of objects
-found at all and the share moving within 45 degrees of the wanted direction (imprecise rather than lost). The teacher samples guided (as `quality.py`'s teacher rows), the
-student unguided.
+found at all and the share moving within 45 degrees of the wanted direction (imprecise rather than lost). The
+teacher samples guided (as `quality.py`'s teacher rows), the student unguided.
 
     python benchmarks/direction.py --run DIR --model teacher|student --label NAME [--prompts 64] [--teacher-guidance 2]
 """
@@ -221,7 +221,8 @@ def render(report: dict) -> str:
         "",
         f"`python benchmarks/direction.py --run {meta['run']} --model {meta['model']} --prompts {meta['prompts']}`: "
         f"fraction of captioned objects whose motion over frames 1-12 has the captioned direction (8 classes, "
-        f"chance 0.125; an object not found in its colour counts as wrong; '{NEAR}': the wanted direction or a neighbour; '{FOUND}': the share found), {meta['steps']} steps, guidance {meta['guidance']}. "
+        f"chance 0.125; an object not found in its colour counts as wrong; '{NEAR}': the wanted direction or a "
+        f"neighbour; '{FOUND}': the share found), {meta['steps']} steps, guidance {meta['guidance']}. "
         f"Objects: {', '.join(f'{g} {counts[g][1]}' for g in GROUPS)}. Wall time {meta['seconds']} s (load average "
         f"{meta['load_average']}).",
         "",

@@ -184,9 +184,9 @@ def binding_labels(captions: list[str], length: int) -> torch.Tensor:
     labels = torch.full((len(captions), length, len(BINDING_ATTRIBUTES)), -100)
     for row, caption in enumerate(captions):
         for word, obj in enumerate(word_objects(caption)[:length]):
-            if obj is not None:
-                values = (obj.size, obj.colour, obj.shape, obj.direction, obj.speed)
-                labels[row, word] = torch.tensor([names.index(v) for names, v in zip(BINDING_ATTRIBUTES.values(), values)])
+            if obj is not None:  # the attributes are named as `ObjectSpec`'s fields
+                classes = [names.index(getattr(obj, key)) for key, names in BINDING_ATTRIBUTES.items()]
+                labels[row, word] = torch.tensor(classes)
     return labels
 
 
