@@ -8,7 +8,9 @@ shipped encoder with an adversarial term (`Recipe.decoder_adversarial`, `adversa
 
     OMP_NUM_THREADS=1 nohup python runs/train_v16.py W MINUTES > runs/train_v16_W.log 2>&1 &
 
-Run `runs/v16-W`; it starts from the shipped VAE (`runs/v16init/vae/final/vae`, a copy).
+Run `runs/v16-W`; it starts from the shipped VAE (copied into its `vae/final/vae`). It measured no gain in the
+stream (docs/training.md, session 16), so the adversarial term was removed from the recipe afterwards: this driver
+runs at commit c1fc870, where `train/streamgen_train/adversarial.py` and `--decoder-adversarial` live.
 """
 
 import shutil

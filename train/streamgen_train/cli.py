@@ -90,12 +90,6 @@ def main(argv: list[str]) -> int:
         "--vae-lr", type=float, help="the vae and decoder stages' learning rate (also on resume; default: the stage's)"
     )
     parser.add_argument(
-        "--decoder-adversarial",
-        type=float,
-        default=Recipe.decoder_adversarial,
-        help="weight of the decoder stage's adversarial term, relative to its reconstruction gradient (0: none)",
-    )
-    parser.add_argument(
         "--teacher-guidance",
         type=float,
         default=Recipe.teacher_guidance,
@@ -122,7 +116,6 @@ def main(argv: list[str]) -> int:
         text_lr=args.text_lr,
         binding_weight=args.binding_weight,
         vae_lr=args.vae_lr,
-        decoder_adversarial=args.decoder_adversarial,
         teacher_guidance=args.teacher_guidance,
         export_to=args.export_to,
         minutes=args.minutes,

@@ -27,7 +27,6 @@ from streamgen.engine import SinkWindow, StreamingEngine, TextCondition
 from streamgen.models import far_from_wan, load_transformer, wan_from_far
 from streamgen.pipeline import DEFAULT_MODEL, StreamingPipeline
 from . import components as C
-from .adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from .data import CHUNKS, LatentSet, pixel_clips, set_latent_stats
 from .loop import EMA, Run, generator, optimize
 from .losses import (
@@ -79,9 +78,6 @@ class Recipe:
     # The VAE stages' AdamW rate. None: each stage's own (1e-3 from scratch, 3e-4 for a decoder fine-tuned from the
     # vae stage's); a warm VAE fine-tunes better at 1e-4 (session 11).
     vae_lr: float | None = None
-    # The decoder stage's adversarial term (0: reconstruction alone), relative to the reconstruction's gradient at
-    # the decoder's output (`adversarial.adaptive_weight`): a decoder that commits to a shape instead of a blob.
-    decoder_adversarial: float = 0.0
     teacher_guidance: float = C.TEACHER_GUIDANCE  # what the causal stages distil (> 1: against the empty caption)
     minutes: float | None = None  # time box per training stage
     warm_start: Path | None = (
@@ -187,7 +183,7 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
         x = _crop(x, VAE_CROP, generator(i, 5)).to(recipe.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator(i, 0, recipe.device))
-        reconstruction = _reconstruction_loss(vae.decode(z).sample, x)
+        reconstruction = _reconstruction_loss(vae, z, x)
         kl = posterior.kl().mean() / z[0].numel()
         optimize(optimizer, reconstruction + 1e-4 * kl)
         return {"rec": reconstruction.item(), "kl": kl.item()}
@@ -200,9 +196,9 @@ def train_vae(recipe: Recipe, steps: int) -> dict[str, float]:
     return losses
 
 
-def _reconstruction_loss(decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _reconstruction_loss(vae: AutoencoderKLWan, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 + L2 of the decoded clip, pixels away from the frame's median (the shapes) weighted 5x."""
-    error = decoded - x
+    error = vae.decode(z).sample - x
     background = x.flatten(3).median(dim=3).values[..., None, None]
     weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.3).float()
     return (weight * (error.abs() + error.square())).mean()
@@ -230,36 +226,17 @@ def train_decoder(recipe: Recipe, steps: int) -> dict[str, float]:
         param.requires_grad_(True)
     lr = recipe.vae_lr or (1e-3 if new_decoder else 3e-4)
     optimizer = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
-    modules, optimizers = {"vae": vae}, {"decoder": optimizer}
-    if recipe.decoder_adversarial:
-        modules["discriminator"] = critic = PatchDiscriminator().to(recipe.device)
-        optimizers["discriminator"] = critic_opt = torch.optim.AdamW(
-            critic.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0
-        )
 
     def step(i: int) -> dict[str, float]:
         x, _ = pixel_clips(recipe.world, _DECODER_SEED + i, recipe.batch // 4, VAE_CLIP_FRAMES)
         x = _crop(x, VAE_CROP, generator(i, 6)).to(recipe.device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator(i, 7, recipe.device))
-        decoded = vae.decode(z).sample
-        reconstruction = _reconstruction_loss(decoded, x)
-        if not recipe.decoder_adversarial:
-            optimize(optimizer, reconstruction)
-            return {"rec": reconstruction.item()}
-        adversarial = generator_loss(critic(decoded))
-        weight = recipe.decoder_adversarial * adaptive_weight(
-            reconstruction, adversarial, vae.decoder.conv_out.weight
-        )
-        critic.requires_grad_(False)  # the decoder's step moves the decoder only
-        optimize(optimizer, reconstruction + weight * adversarial)
-        critic.requires_grad_(True)
-        critic_loss = discriminator_loss(critic(x), critic(decoded.detach()))
-        optimize(critic_opt, critic_loss)
-        return {"rec": reconstruction.item(), "adv": adversarial.item(), "critic": critic_loss.item(),
-                "weight": weight.item()}
+        reconstruction = _reconstruction_loss(vae, z, x)
+        optimize(optimizer, reconstruction)
+        return {"rec": reconstruction.item()}
 
-    losses = run.train(steps, modules, optimizers, step, minutes=recipe.minutes)
+    losses = run.train(steps, {"vae": vae}, {"decoder": optimizer}, step, minutes=recipe.minutes)
     vae.save_pretrained(run.final / "vae")
     return losses
 
