@@ -97,10 +97,15 @@ def describe(pipe: StreamingPipeline, source: str) -> dict:
 
 
 def save_report(out: Path, report: dict, render) -> None:
-    """`out.json` for machines, `out.md` (from `render(report)`) for people; the markdown is printed too."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render(report))
+    """`out.json` for machines, `out.md` (from `render(report)`) for people; the markdown is printed too.
+
+    `out` names both without a suffix, and may hold dots (`quality-guidance2.5`): only a trailing `.json` or `.md`
+    is taken off, so two reports whose names differ after a dot never overwrite each other."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_name(stem.name + ".md").write_text(render(report))
     print(render(report))
 
 

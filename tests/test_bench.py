@@ -60,3 +60,13 @@ def test_delivery_figures_on_a_known_stream():
     assert bench.percentiles([0.1, 0.2, 0.3]) == pytest.approx({"p50": 200.0, "p95": 290.0, "p99": 298.0})
     with pytest.raises(ValueError, match="two chunks"):
         bench.delivery(chunks[:1], fps=16)
+
+
+@pytest.mark.parametrize("name", ["quality-guidance2.5", "quality-guidance2.5.md"])
+def test_reports_whose_names_differ_after_a_dot_do_not_overwrite_each_other(tmp_path, name):
+    bench.save_report(tmp_path / name, {"guidance": 2.5}, lambda r: f"guidance {r['guidance']}\n")
+    bench.save_report(tmp_path / "quality-guidance2.0", {"guidance": 2.0}, lambda r: f"guidance {r['guidance']}\n")
+    assert json.loads((tmp_path / "quality-guidance2.5.json").read_text()) == {"guidance": 2.5}
+    assert (tmp_path / "quality-guidance2.5.md").read_text() == "guidance 2.5\n"
+    assert (tmp_path / "quality-guidance2.0.md").read_text() == "guidance 2.0\n"
+    assert len(list(tmp_path.iterdir())) == 4
