@@ -162,8 +162,9 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarra
     return np.clip(inside + 0.5, 0.0, 1.0)
 
 
-def render(scene: Scene, num_frames: int, height: int = 64, width: int = 64, start_frame: int = 0) -> np.ndarray:
-    """Frames [start_frame, start_frame + num_frames) of the scene's endless clip, uint8 (T, H, W, 3).
+def coverage(scene: Scene, num_frames: int, height: int = 64, width: int = 64, start_frame: int = 0) -> np.ndarray:
+    """Each object's own pixel coverage in [0, 1] over frames [start_frame, start_frame + num_frames), float32
+    (objects, T, H, W), before occlusion: where each object is, what its shape is, for labels as well as `render`.
 
     Positions are closed-form in time, so rendering in pieces gives exactly the frames of one long render.
     """
@@ -172,13 +173,22 @@ def render(scene: Scene, num_frames: int, height: int = 64, width: int = 64, sta
     seconds = (start_frame + np.arange(num_frames)) / DEFAULT_FPS
     xs = np.arange(width, dtype=np.float32) + 0.5
     ys = np.arange(height, dtype=np.float32) + 0.5
-    out = np.empty((num_frames, height, width, 3), dtype=np.float32)
-    out[...] = BACKGROUNDS[scene.background]
-    for obj in scene.objects:
+    out = np.zeros((len(scene.objects), num_frames, height, width), dtype=np.float32)
+    for k, obj in enumerate(scene.objects):
         r = obj.half_size * min(height, width)
         cx = _fold(width * (obj.position[0] + obj.velocity[0] * seconds), r, width - r).astype(np.float32)
         cy = _fold(height * (obj.position[1] + obj.velocity[1] * seconds), r, height - r).astype(np.float32)
-        alpha = _coverage(obj.shape, xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None], r)
+        out[k] = _coverage(obj.shape, xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None], r)
+    return out
+
+
+def render(scene: Scene, num_frames: int, height: int = 64, width: int = 64, start_frame: int = 0) -> np.ndarray:
+    """Frames [start_frame, start_frame + num_frames) of the scene's endless clip, uint8 (T, H, W, 3): the objects'
+    `coverage` blended over the background, back to front."""
+    alphas = coverage(scene, num_frames, height, width, start_frame)
+    out = np.empty((num_frames, height, width, 3), dtype=np.float32)
+    out[...] = BACKGROUNDS[scene.background]
+    for obj, alpha in zip(scene.objects, alphas):
         out += alpha[..., None] * (np.asarray(COLOURS[obj.colour], dtype=np.float32) - out)
     return np.rint(out).astype(np.uint8)
 
