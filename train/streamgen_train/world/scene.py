@@ -151,7 +151,7 @@ def _fold(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.minimum(q, 2 * span - q)
 
 
-def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def _shape_coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Pixel coverage from a signed distance (inside > 0): one pixel of anti-aliasing, cheap and smooth."""
     if shape == "circle":
         inside = r - np.sqrt(dx * dx + dy * dy)
@@ -178,7 +178,7 @@ def coverage(scene: Scene, num_frames: int, height: int = 64, width: int = 64, s
         r = obj.half_size * min(height, width)
         cx = _fold(width * (obj.position[0] + obj.velocity[0] * seconds), r, width - r).astype(np.float32)
         cy = _fold(height * (obj.position[1] + obj.velocity[1] * seconds), r, height - r).astype(np.float32)
-        out[k] = _coverage(obj.shape, xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None], r)
+        out[k] = _shape_coverage(obj.shape, xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None], r)
     return out
 
 
