@@ -55,6 +55,8 @@ def far_from_wan(wan: WanTransformer3DModel) -> AnyFlowFARTransformer3DModel:
     """An AnyFlow-FAR student initialised from a Wan teacher."""
     config = {key: wan.config[key] for key in _WAN_KEYS if key in wan.config}
     config["patch_size"] = tuple(config["patch_size"])
+    # Context past `full_chunk_limit` chunks is embedded at twice the patch a side (FAR's 1x4x4 over Wan's 1x2x2).
+    config["compressed_patch_size"] = (config["patch_size"][0], *(2 * p for p in config["patch_size"][1:]))
     far = AnyFlowFARTransformer3DModel(**config)
     missing, unexpected = far.load_state_dict(wan.state_dict(), strict=False)
     if unexpected or any(not k.startswith(("condition_embedder.delta_embedder.", "far_patch_embedding.")) for k in missing):

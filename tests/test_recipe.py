@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from streamgen.pipeline import StreamingPipeline
@@ -49,3 +50,23 @@ def test_a_warm_start_from_an_exported_model_takes_its_weights(tiny_run: stages.
     assert all(torch.equal(v, student[k]) for k, v in teacher.items())
     vae = stages.warm(recipe, C.build_vae(recipe.sizes), "vae", "vae").state_dict()
     assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in vae.items())
+
+
+def test_finer_latents_train_and_stream_with_the_same_token_grid(tmp_path):
+    """`--vae-scale 4 --patch 4`: a VAE of 4x space (the same 4x time) and transformers of patch 4 train through the
+    recipe, and the export streams past `full_chunk_limit` (context then embedded at 1x8x8, twice the patch)."""
+    sizes = C.Sizes(height=32, width=32, vae_base_dim=4, vae_decoder_base_dim=4, text_dim=32, heads=2, head_dim=16,
+                    layers=2, ffn_dim=64, vae_scale=4, patch=4)  # fmt: skip
+    recipe = stages.Recipe(root=tmp_path, sizes=sizes, batch=4, clips=6, export_to=tmp_path / "model")
+    for stage in ("vae", "teacher", "student", "export"):
+        cli.run_stage(recipe, stage, steps=1)
+    pipe = StreamingPipeline.from_pretrained(recipe.export_to, device="cpu")
+    assert pipe.latent_scale == (4, 4)
+    assert tuple(pipe.transformer.config.compressed_patch_size) == (1, 8, 8)
+    chunks = len(pipe.transformer.config.chunk_partition)
+    with pipe.start_session("a large red circle moving right quickly on a black background", seed=0) as session:
+        frames = [session.next_chunk() for _ in range(chunks)]
+    assert [f.shape[1:] for f in frames] == [(32, 32, 3)] * chunks
+    assert all(torch.isfinite(torch.as_tensor(f, dtype=torch.float32)).all() for f in frames)
+    with pytest.raises(ValueError, match="vae_scale"):
+        C.build_vae(C.Sizes(vae_scale=2))

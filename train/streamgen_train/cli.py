@@ -75,6 +75,19 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
+        "--vae-scale",
+        type=int,
+        choices=[8, 4],
+        default=stages.C.Sizes.vae_scale,
+        help="pixels per latent pixel (4: finer latents; pair it with --patch 4 to keep the token count)",
+    )
+    parser.add_argument(
+        "--patch", type=int, default=stages.C.Sizes.patch, help="latent pixels per token side of the transformers"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=stages.C.Sizes.layers, help="transformer blocks of a teacher built here"
+    )
+    parser.add_argument(
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
@@ -111,6 +124,7 @@ def main(argv: list[str]) -> int:
         root=args.out,
         device=torch.device(args.device) if args.device else default_device(),
         batch=args.batch,
+        sizes=stages.C.Sizes(vae_scale=args.vae_scale, patch=args.patch, layers=args.layers),
         clips=args.clips,
         teacher_lr=args.teacher_lr,
         text_lr=args.text_lr,

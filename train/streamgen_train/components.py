@@ -45,12 +45,15 @@ class Sizes:
     # The decoder draws every frame the stream shows: at base 8 the round trip lost the objects' colour, count and
     # speed far more often than at 16 (docs/training.md); twice the width about doubles the decode.
     vae_decoder_base_dim: int = 16
+    # Pixels per latent pixel, 8 (Wan's) or 4. At 8 a small object (11 pixels) is 1.4 latent pixels and comes back
+    # round from every VAE trained here (docs/training.md, sessions 16-17); 4 with `patch` 4 keeps the token count.
+    vae_scale: int = 8
     text_dim: int = 64
     heads: int = 4
     head_dim: int = 32
     layers: int = 6
     ffn_dim: int = 512
-    patch: int = 2  # latent pixels per token side: 2 gives a 64x64 frame 4x4 tokens, 1 gives it 8x8
+    patch: int = 2  # latent pixels per token side: at `vae_scale` 8, 2 gives a 64x64 frame 4x4 tokens, 1 gives it 8x8
     clip_latent_frames: int = 13  # 49 video frames, like a short Wan clip
 
 
@@ -103,16 +106,25 @@ def load_text_encoder_weights(target: UMT5EncoderModel, source: UMT5EncoderModel
     target.load_state_dict(state)
 
 
+# Per `Sizes.vae_scale`: the VAE's channel multipliers and which of its downsamplings also halve time (4x in all).
+_VAE_LEVELS = {8: ([1, 1, 2, 2], [False, True, True]), 4: ([1, 2, 2], [True, True])}
+
+
 def build_vae(sizes: Sizes) -> AutoencoderKLWan:
-    """Wan's causal VAE (8x space, 4x time, 16 channels) with few channels: its decoder runs in the live loop."""
+    """Wan's causal VAE (8x or 4x space, 4x time, 16 channels) with few channels: its decoder runs in the live
+    loop."""
+    if sizes.vae_scale not in _VAE_LEVELS:
+        raise ValueError(f"vae_scale must be one of {sorted(_VAE_LEVELS)}, got {sizes.vae_scale}")
+    dim_mult, temporal = _VAE_LEVELS[sizes.vae_scale]
     return AutoencoderKLWan(
         base_dim=sizes.vae_base_dim,
         decoder_base_dim=sizes.vae_decoder_base_dim,
         z_dim=16,
-        dim_mult=[1, 1, 2, 2],
+        dim_mult=dim_mult,
         num_res_blocks=1,
-        temperal_downsample=[False, True, True],
+        temperal_downsample=temporal,
         dropout=0.0,
+        scale_factor_spatial=sizes.vae_scale,
     )
 
 
