@@ -1,7 +1,8 @@
 """Session 18: finer latents (4x instead of 8x, transformer patch 4, same token count).
 
   python runs/train_v18.py vae RUN [--encoder-base 16] --minutes M   # a 4x VAE from scratch (the vae stage)
-  python runs/train_v18.py rehead RUN                                # the shipped teacher's body, new patch in/out
+  python runs/train_v18.py rehead RUN [--vae-scale 8]                # the shipped teacher's body, new patch in/out
+  python runs/train_v18.py latents RUN [--vae-scale 8]               # encode the teacher's latent set ahead
 """
 
 import argparse
@@ -16,17 +17,22 @@ from streamgen_train.cli import run_stage
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["vae", "rehead"])
+    p.add_argument("what", choices=["vae", "rehead", "latents"])
     p.add_argument("run", type=Path)
     p.add_argument("--encoder-base", type=int, default=8)
+    p.add_argument("--vae-scale", type=int, default=4)
     p.add_argument("--minutes", type=float)
+    p.add_argument("--lr", type=float, help="the vae stage's rate (also on resume)")
     p.add_argument("--steps", type=int, default=100000)
     a = p.parse_args()
     torch.set_num_threads(1)
-    sizes = C.Sizes(vae_scale=4, patch=4, layers=12, vae_base_dim=a.encoder_base)
-    recipe = stages.Recipe(root=a.run, sizes=sizes, minutes=a.minutes)
+    patch = 2 if a.vae_scale == 8 else 4  # 4x4 tokens a 64x64 frame either way
+    sizes = C.Sizes(vae_scale=a.vae_scale, patch=patch, layers=12, vae_base_dim=a.encoder_base)
+    recipe = stages.Recipe(root=a.run, sizes=sizes, minutes=a.minutes, vae_lr=a.lr)
     if a.what == "vae":
         run_stage(recipe, "vae", a.steps)
+    elif a.what == "latents":
+        stages.latent_set(recipe)
     else:
         rehead(recipe)
 
