@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vae-scale",
         type=int,
-        choices=[8, 4],
+        choices=sorted(stages.C.VAE_LEVELS),
         default=stages.C.Sizes.vae_scale,
         help="pixels per latent pixel (4: finer latents; pair it with --patch 4 to keep the token count)",
     )

@@ -107,15 +107,15 @@ def load_text_encoder_weights(target: UMT5EncoderModel, source: UMT5EncoderModel
 
 
 # Per `Sizes.vae_scale`: the VAE's channel multipliers and which of its downsamplings also halve time (4x in all).
-_VAE_LEVELS = {8: ([1, 1, 2, 2], [False, True, True]), 4: ([1, 2, 2], [True, True])}
+VAE_LEVELS = {8: ([1, 1, 2, 2], [False, True, True]), 4: ([1, 2, 2], [True, True])}
 
 
 def build_vae(sizes: Sizes) -> AutoencoderKLWan:
     """Wan's causal VAE (8x or 4x space, 4x time, 16 channels) with few channels: its decoder runs in the live
     loop."""
-    if sizes.vae_scale not in _VAE_LEVELS:
-        raise ValueError(f"vae_scale must be one of {sorted(_VAE_LEVELS)}, got {sizes.vae_scale}")
-    dim_mult, temporal = _VAE_LEVELS[sizes.vae_scale]
+    if sizes.vae_scale not in VAE_LEVELS:
+        raise ValueError(f"vae_scale must be one of {sorted(VAE_LEVELS)}, got {sizes.vae_scale}")
+    dim_mult, temporal = VAE_LEVELS[sizes.vae_scale]
     return AutoencoderKLWan(
         base_dim=sizes.vae_base_dim,
         decoder_base_dim=sizes.vae_decoder_base_dim,

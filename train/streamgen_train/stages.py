@@ -242,7 +242,8 @@ def train_decoder(recipe: Recipe, steps: int) -> dict[str, float]:
 
 
 def _crop(x: torch.Tensor, size: int, gen: torch.Generator, grid: int = 8) -> torch.Tensor:
-    """A random `size`x`size` crop of `(B, C, T, H, W)` clips, aligned to the latent grid (the VAE's 8x stride)."""
+    """A random `size`x`size` crop of `(B, C, T, H, W)` clips, aligned to an 8-pixel grid (a multiple of either
+    VAE scale's stride)."""
     top, left = (int(torch.randint(0, (n - size) // grid + 1, (1,), generator=gen)) * grid for n in x.shape[-2:])
     return x[..., top : top + size, left : left + size]
 
