@@ -70,3 +70,14 @@ def test_finer_latents_train_and_stream_with_the_same_token_grid(tmp_path):
     assert all(torch.isfinite(torch.as_tensor(f, dtype=torch.float32)).all() for f in frames)
     with pytest.raises(ValueError, match="vae_scale"):
         C.build_vae(C.Sizes(vae_scale=2))
+
+
+def test_the_cli_builds_a_teacher_of_the_width_it_is_given(tiny_run: stages.Recipe, tmp_path):
+    """`--heads` and `--ffn-dim` reach the teacher it builds (at `--patch 4` the shipped width cannot carry a token's
+    256 latent values, docs/training.md session 19); the run reuses the tiny run's VAE."""
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "final").symlink_to(tiny_run.run("vae").final)
+    argv = ["teacher", "--out", str(tmp_path), "--steps", "1", "--clips", "2", "--batch", "2", "--layers", "1"]
+    assert cli.main([*argv, "--heads", "2", "--ffn-dim", "64"]) == 0
+    config = json.loads((tmp_path / "teacher" / "final" / "teacher" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["ffn_dim"], config["num_layers"]) == (2, 64, 1)

@@ -88,6 +88,16 @@ def main(argv: list[str]) -> int:
         "--layers", type=int, default=stages.C.Sizes.layers, help="transformer blocks of a teacher built here"
     )
     parser.add_argument(
+        "--heads",
+        type=int,
+        default=stages.C.Sizes.heads,
+        help="attention heads of a teacher built here (its width: heads x 32); at --patch 4 a token holds 256 latent"
+        " values, and 8 heads keep them all",
+    )
+    parser.add_argument(
+        "--ffn-dim", type=int, default=stages.C.Sizes.ffn_dim, help="feed-forward width of a teacher built here"
+    )
+    parser.add_argument(
         "--teacher-lr", type=float, default=Recipe.teacher_lr, help="the teacher stage's learning rate (also on resume)"
     )
     parser.add_argument(
@@ -124,7 +134,9 @@ def main(argv: list[str]) -> int:
         root=args.out,
         device=torch.device(args.device) if args.device else default_device(),
         batch=args.batch,
-        sizes=stages.C.Sizes(vae_scale=args.vae_scale, patch=args.patch, layers=args.layers),
+        sizes=stages.C.Sizes(
+            vae_scale=args.vae_scale, patch=args.patch, layers=args.layers, heads=args.heads, ffn_dim=args.ffn_dim
+        ),
         clips=args.clips,
         teacher_lr=args.teacher_lr,
         text_lr=args.text_lr,
