@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
         "--heads",
         type=int,
         default=stages.C.Sizes.heads,
-        help="attention heads of a teacher built here (its width: heads x 32); at --patch 4 a token holds 256 latent"
-        " values, and 8 heads keep them all",
+        help=f"attention heads of a teacher built here (its width: heads x {stages.C.Sizes.head_dim}); at --patch 4 a"
+        " token holds 256 latent values, and 8 heads keep them all",
     )
     parser.add_argument(
         "--ffn-dim", type=int, default=stages.C.Sizes.ffn_dim, help="feed-forward width of a teacher built here"
