@@ -52,12 +52,16 @@ def main() -> None:
 
 def start(source: Path, init: Path) -> None:
     """`init/teacher/final`: a fresh wide teacher beside the narrow snapshot's text encoder and tokenizer."""
+    torch.manual_seed(0)
+    C.build_teacher(WIDE).save_pretrained(init / "teacher" / "final" / "teacher")
+    copy_text_encoder(source / "teacher" / "final-6400", init)
+
+
+def copy_text_encoder(snapshot: Path, init: Path) -> None:
+    """The snapshot's text encoder and tokenizer beside the teacher in `init/teacher/final`."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    snapshot = source / "teacher" / "final-6400"
     final = init / "teacher" / "final"
-    torch.manual_seed(0)
-    C.build_teacher(WIDE).save_pretrained(final / "teacher")
     UMT5EncoderModel.from_pretrained(snapshot / "text_encoder").save_pretrained(final / "text_encoder")
     AutoTokenizer.from_pretrained(snapshot / "tokenizer").save_pretrained(final / "tokenizer")
 
