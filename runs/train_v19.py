@@ -43,9 +43,7 @@ def main() -> None:
     init = a.run / "init"
     if not (init / "teacher" / "final").is_dir():
         start(a.source, init)
-    for name in ("vae", "latents.pt"):
-        if not (a.run / name).exists():
-            (a.run / name).symlink_to((a.source / name).resolve())
+    link_latents(a.source, a.run)
     recipe = stages.Recipe(root=a.run, sizes=WIDE, clips=a.clips, minutes=a.minutes, warm_start=init)
     run_stage(recipe, "teacher", 100_000)
 
@@ -55,6 +53,13 @@ def start(source: Path, init: Path) -> None:
     torch.manual_seed(0)
     C.build_teacher(WIDE).save_pretrained(init / "teacher" / "final" / "teacher")
     copy_text_encoder(source / "teacher" / "final-6400", init)
+
+
+def link_latents(source: Path, run: Path) -> None:
+    """`run` shares `source`'s VAE and encoded latent set (872 MB at 4096 clips) through symlinks."""
+    for name in ("vae", "latents.pt"):
+        if not (run / name).exists():
+            (run / name).symlink_to((source / name).resolve())
 
 
 def copy_text_encoder(snapshot: Path, init: Path) -> None:

@@ -23,7 +23,7 @@ from diffusers import WanTransformer3DModel
 
 from streamgen_train import components as C, stages
 from streamgen_train.cli import run_stage
-from train_v19 import NARROW, WIDE, copy_text_encoder
+from train_v19 import WIDE, copy_text_encoder, link_latents
 
 SNAPSHOT = "final-11629"
 
@@ -36,7 +36,7 @@ def widen(narrow: WanTransformer3DModel, spread: float, seed: int = 0) -> WanTra
     for name, small in narrow.state_dict().items():
         big = wide.state_dict()[name]
         value = small
-        if name == "condition_embedder.time_proj.weight" or name == "condition_embedder.time_proj.bias":
+        if name.startswith("condition_embedder.time_proj."):
             # six modulation vectors of the model's width, stacked: double each one
             value = value.unflatten(0, (6, width))
             value = torch.cat([value, value], dim=1).flatten(0, 1)
@@ -86,9 +86,7 @@ def main() -> None:
         narrow = WanTransformer3DModel.from_pretrained(snapshot / "teacher")
         widen(narrow, a.spread).save_pretrained(init / "teacher" / "final" / "teacher")
         copy_text_encoder(snapshot, init)
-    for name in ("vae", "latents.pt"):
-        if not (a.run / name).exists():
-            (a.run / name).symlink_to((a.source / name).resolve())
+    link_latents(a.source, a.run)
     recipe = stages.Recipe(root=a.run, sizes=WIDE, clips=4096, minutes=a.minutes, warm_start=init)
     run_stage(recipe, "teacher", 100_000)
 
